@@ -1,0 +1,1 @@
+"""PyTorch front end for exact-gradient spiking neural networks."""

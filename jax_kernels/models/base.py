@@ -1,0 +1,217 @@
+"""Neuron model templates for event-based simulation.
+
+Every model is a small frozen (hashable) dataclass whose methods are elementwise over neurons. A
+neuron's state is an array ``x`` of shape ``[D, *N]``: ``D`` state variables (``state_names``) for
+``*N`` neurons. Times and durations share the units of the model's time constant ``tau``.
+
+The event-based simulators in :mod:`jax_kernels.simulate` need five things from a model:
+
+- ``flow(x, dt)``: free evolution over ``dt`` (valid for ``0 <= dt <= next_spike_dt(x)``; at equality
+  it returns a state at threshold without overflowing),
+- ``next_spike_dt(x)``: time until the next threshold crossing without input (``+inf`` if never),
+- ``spike_reset(x, dt)``: the state right after a spike that happens ``dt`` from now,
+- ``receive(x, w)``: the effect of an input pulse of weight ``w``,
+- ``emit_spikes(...)``: all own spikes in an input-free interval (a generic loop here; phase models
+  override it with a closed form).
+
+Models with pseudodynamics also provide ``pseudo_rate`` and ``pseudospike_time`` (see
+:class:`PseudoNeuronModel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jax import Array, lax
+
+
+def require_positive(model: object, *names: str) -> None:
+    """Raise ``ValueError`` naming the first field of ``model`` in ``names`` that is not > 0."""
+    for name in names:
+        value = getattr(model, name)
+        if not value > 0:  # also catches NaN
+            raise ValueError(
+                f"{type(model).__name__}: `{name}` must be positive, got {value!r}."
+            )
+
+
+class NeuronModel(ABC):
+    """Abstract neuron model used by the event-based simulators.
+
+    Subclasses are frozen dataclasses (hashable, usable as static arguments of ``jax.jit``).
+    """
+
+    #: Names of the ``D`` state variables, in the order of the leading state axis.
+    state_names: ClassVar[tuple[str, ...]]
+    #: Whether the model defines pseudodynamics (pseudo rates and pseudospike times).
+    has_pseudodynamics: ClassVar[bool] = False
+
+    @property
+    def state_size(self) -> int:
+        """Number ``D`` of state variables per neuron."""
+        return len(self.state_names)
+
+    def replace(self, **changes) -> "NeuronModel":
+        """A copy of the model with some parameters changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- ordinary dynamics ---------------------------------------------------------------------
+    @abstractmethod
+    def default_initial_state(self, dtype=jnp.float32) -> Array:
+        """Default initial state of one neuron, shape ``[D]``."""
+
+    @abstractmethod
+    def flow(self, x: Array, dt: Array) -> Array:
+        """Evolve states ``x`` ``[D, *N]`` freely by ``dt`` (broadcastable to ``[*N]``)."""
+
+    @abstractmethod
+    def next_spike_dt(self, x: Array) -> Array:
+        """Time ``[*N]`` until each neuron reaches threshold without input; ``+inf`` if never."""
+
+    @abstractmethod
+    def spike_reset(self, x: Array, dt: Array) -> Array:
+        """State ``[D, *N]`` right after a spike that occurs ``dt`` from now (``dt`` is the
+        neuron's ``next_spike_dt``)."""
+
+    @abstractmethod
+    def receive(self, x: Array, w: Array) -> Array:
+        """State ``[D, *N]`` right after an input pulse of weight ``w`` ``[*N]``."""
+
+    def clip_state(self, x: Array) -> Array:
+        """Project states onto the valid range (identity unless the model has bounded states)."""
+        return x
+
+    def emit_spikes(
+        self,
+        x: Array,
+        t_start: Array,
+        t_end: Array,
+        spike_count: Array,
+        spike_times: Array,
+    ) -> tuple[Array, Array, Array]:
+        """Simulate the input-free interval ``[t_start, t_end)`` and record the spikes in it.
+
+        Generic version: up to ``K`` spikes per neuron in the interval, one ``next_spike_dt`` /
+        ``spike_reset`` per iteration (a fixed trip count keeps it reverse-differentiable).
+
+        Args:
+            x: states at ``t_start``, ``[D, N]``.
+            t_start, t_end: interval bounds (scalars, ``t_start <= t_end``).
+            spike_count: ordinary spikes so far ``[N]`` (int32; may exceed ``K``, which marks an
+                overflow of the spike buffer).
+            spike_times: spike buffer ``[N, K]``; slot ``k`` holds the ``k``-th spike time.
+
+        Returns:
+            ``(x at t_end, spike_count, spike_times)``.
+        """
+        max_spikes = spike_times.shape[-1]
+        slots = jnp.arange(max_spikes)
+        t_neuron = jnp.broadcast_to(t_start, spike_count.shape).astype(x.dtype)
+
+        def one_spike(_, carry):
+            x, t_neuron, spike_count, spike_times = carry
+            dt = self.next_spike_dt(x)
+            spikes = t_neuron + dt < t_end
+            dt_safe = jnp.where(spikes, dt, 0.0)
+            x = jnp.where(spikes, self.spike_reset(x, dt_safe), x)
+            t_neuron = jnp.where(spikes, t_neuron + dt_safe, t_neuron)
+            write = spikes[:, None] & (slots == spike_count[:, None])
+            spike_times = jnp.where(write, t_neuron[:, None], spike_times)
+            return x, t_neuron, spike_count + spikes, spike_times
+
+        x, t_neuron, spike_count, spike_times = lax.fori_loop(
+            0, max_spikes, one_spike, (x, t_neuron, spike_count, spike_times)
+        )
+        # A spike still pending in the interval means the buffer was too small: count it so the
+        # caller sees spike_count > K.
+        pending = t_neuron + self.next_spike_dt(x) < t_end
+        x = self.flow(x, t_end - t_neuron)
+        return x, spike_count + pending, spike_times
+
+
+class PseudoNeuronModel(NeuronModel):
+    """Neuron model with pseudodynamics (Klos & Memmesheimer 2023).
+
+    A neuron's *pseudo rate* is a smooth, rate-network-like function of its state at the trial end and
+    of a *drive* ``sum_j w_ij r_j`` from the pseudo rates ``r_j`` of its inputs. Its ``k``-th
+    pseudospike time (``k >= 1``) lies after the trial end ``T`` and tends to ``T`` as the neuron
+    approaches an ordinary spike at ``T``, which makes spike times continuous when spikes leave or
+    enter the trial.
+    """
+
+    has_pseudodynamics: ClassVar[bool] = True
+
+    @abstractmethod
+    def pseudo_rate(self, x_end: Array, drive: Array) -> Array:
+        """Pseudo rate ``[*N]`` from end-of-trial states ``[D, *N]`` and drive ``[*N]``."""
+
+    @abstractmethod
+    def pseudospike_time(self, x_end: Array, drive: Array, k: Array, T: float) -> Array:
+        """``k``-th pseudospike time (``k >= 1``, broadcastable) after the trial end ``T``."""
+
+
+class PhaseOscillatorModel(PseudoNeuronModel):
+    """Oscillator in phase representation with delta-pulse coupling.
+
+    The phase ``phi`` (state ``[1, *N]``) grows at rate 1 between inputs; the neuron spikes when it
+    reaches the free period ``Theta`` and is reset to 0. An input of weight ``w`` maps the phase
+    through the phase transfer function ``H(phi, w) = Phi(V(phi) + w)``. Pseudodynamics:
+    ``r = H(phi_end, drive) / Theta`` and ``t_k = T + k Theta - H(phi_end, drive)``.
+    """
+
+    state_names: ClassVar[tuple[str, ...]] = ("phase",)
+
+    @property
+    @abstractmethod
+    def period(self) -> float:
+        """Free oscillation period ``Theta``, the threshold in phase representation."""
+
+    @abstractmethod
+    def phase_transfer(self, phase: Array, w: Array) -> Array:
+        """Phase transfer function ``H(phi, w)``, elementwise."""
+
+    def default_initial_state(self, dtype=jnp.float32) -> Array:
+        return jnp.full((1,), self.period / 2, dtype)
+
+    def clip_state(self, x: Array) -> Array:
+        return jnp.clip(x, 0.0, self.period)
+
+    def flow(self, x: Array, dt: Array) -> Array:
+        return x + dt
+
+    def next_spike_dt(self, x: Array) -> Array:
+        # Rounding can leave a phase a few ulps above Theta; a spike is then due now.
+        return jnp.maximum(self.period - x[0], 0.0)
+
+    def spike_reset(self, x: Array, dt: Array) -> Array:
+        return jnp.zeros_like(x)
+
+    def receive(self, x: Array, w: Array) -> Array:
+        return self.phase_transfer(x[0], w)[None]
+
+    def emit_spikes(self, x, t_start, t_end, spike_count, spike_times):
+        # Closed form: the phase grows linearly, so the spikes in the interval are
+        # s0, s0 + Theta, s0 + 2 Theta, ... with s0 = t_start + Theta - phi, all strictly < t_end.
+        period = self.period
+        phase = x[0]
+        first_spike = t_start + (period - phase)
+        n_spikes = jnp.where(
+            first_spike < t_end, jnp.ceil((t_end - first_spike) / period), 0.0
+        )
+        n_spikes = lax.stop_gradient(n_spikes)
+        # Index of each slot's spike within this interval.
+        m = (jnp.arange(spike_times.shape[-1]) - spike_count[:, None]).astype(x.dtype)
+        write = (m >= 0) & (m < n_spikes[:, None])
+        spike_times = jnp.where(write, first_spike[:, None] + m * period, spike_times)
+        last_spike = first_spike + jnp.maximum(n_spikes - 1, 0.0) * period
+        phase = jnp.where(n_spikes > 0, t_end - last_spike, phase + (t_end - t_start))
+        return phase[None], spike_count + n_spikes.astype(spike_count.dtype), spike_times
+
+    def pseudo_rate(self, x_end: Array, drive: Array) -> Array:
+        return self.phase_transfer(x_end[0], drive) / self.period
+
+    def pseudospike_time(self, x_end: Array, drive: Array, k: Array, T: float) -> Array:
+        return T + k * self.period - self.phase_transfer(x_end[0], drive)

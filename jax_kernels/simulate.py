@@ -1,0 +1,267 @@
+"""Event-based simulation of spiking layers and recurrent networks.
+
+All functions here simulate *one* sample and are jit-, vmap- and reverse-mode-differentiable; batch
+them with ``jax.vmap`` (see :mod:`jax_kernels.layers`). Buffers have fixed sizes; running out of room
+is reported in the results (never silent truncation, never NaN-filling):
+
+- a layer's output buffer holds ``K`` spikes per neuron; ``spike_count`` is the true count, so
+  ``spike_count > K`` marks an overflow,
+- an input event buffer holds the earliest ``E`` input spikes; ``n_dropped`` counts the input spikes
+  inside the trial that did not fit,
+- a recurrent network runs a fixed number of event steps; ``end_time < T`` marks that they did not
+  suffice to reach the trial end.
+
+Spike times are ``+inf`` where there is no spike; spikes at or after the trial end ``T`` are not
+part of the trial.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import Array, lax
+
+from jax_kernels.models.base import NeuronModel, PseudoNeuronModel
+
+
+class Events(NamedTuple):
+    """Input events of one sample for a layer of ``N`` neurons.
+
+    Attributes:
+        times: ``[E]`` event times, ascending, ``+inf`` padded.
+        weights: ``[E, N]`` the weight each neuron receives from each event.
+        n_dropped: input spikes inside the trial that did not fit into the buffer (int32 scalar).
+    """
+
+    times: Array
+    weights: Array
+    n_dropped: Array
+
+
+class LayerResult(NamedTuple):
+    """Result of :func:`feedforward_layer` for one sample.
+
+    Attributes:
+        spike_times: ``[N, K]`` ordinary spike times, ascending per neuron, ``+inf`` padded.
+        spike_count: ``[N]`` int32 number of spikes in the trial (``> K``: buffer overflow).
+        final_state: ``[D, N]`` state at the trial end.
+    """
+
+    spike_times: Array
+    spike_count: Array
+    final_state: Array
+
+
+class NetworkResult(NamedTuple):
+    """Result of :func:`recurrent_network` for one sample.
+
+    Attributes:
+        spike_times: ``[N, K]`` ordinary spike times per neuron, ascending, ``+inf`` padded.
+        spike_count: ``[N]`` int32 number of spikes in the trial (``> K``: buffer overflow).
+        final_state: ``[D, N]`` state at ``end_time``.
+        end_time: time reached by the simulation; ``< T`` means ``max_events`` was too small.
+    """
+
+    spike_times: Array
+    spike_count: Array
+    final_state: Array
+    end_time: Array
+
+
+def _flatten_spike_trains(input_times: Array) -> tuple[Array, Array]:
+    """``[N_in, K_in]`` spike trains -> flat times ``[N_in*K_in]`` and source neuron indices."""
+    n_in, k_in = input_times.shape
+    return input_times.reshape(-1), jnp.repeat(jnp.arange(n_in), k_in)
+
+
+def events_from_spike_trains(
+    input_times: Array, weights: Array, max_events: int, T: float
+) -> Events:
+    """Turn input spike trains into the earliest ``max_events`` input events of a layer.
+
+    Args:
+        input_times: ``[N_in, K_in]`` spike times (any order, ``+inf`` padded, ``>= 0``).
+        weights: ``[N, N_in]`` layer weights.
+        max_events: buffer size ``E`` (static).
+        T: trial duration; spikes at or after ``T`` are not events.
+    """
+    flat_times, source = _flatten_spike_trains(input_times)
+    n_flat = flat_times.shape[0]
+    if n_flat < max_events:  # top_k needs at least E candidates
+        pad = max_events - n_flat
+        flat_times = jnp.concatenate([flat_times, jnp.full((pad,), jnp.inf, flat_times.dtype)])
+        source = jnp.concatenate([source, jnp.zeros((pad,), source.dtype)])
+    # Indices of the earliest events; the times themselves are gathered so gradients reach them.
+    _, order = lax.top_k(-lax.stop_gradient(flat_times), max_events)
+    times = flat_times[order]
+    times = jnp.where(times < T, times, jnp.inf)
+    n_dropped = jnp.sum(flat_times < T, dtype=jnp.int32) - jnp.sum(times < T, dtype=jnp.int32)
+    return Events(times, weights[:, source[order]].T, n_dropped)
+
+
+def events_from_bins(bin_index: Array, bin_times: Array, weights: Array) -> Events:
+    """Fuse inputs that spike at a few shared times (binned encodings) into one event per bin.
+
+    All inputs in bin ``b`` spike at ``bin_times[b]``; their weight columns are summed with one
+    matmul, so a layer sees ``n_bins`` events instead of one per input.
+
+    Args:
+        bin_index: ``[N_in]`` integer bin of each input; values ``>= n_bins`` never spike.
+        bin_times: ``[n_bins]`` ascending spike time of each bin.
+        weights: ``[N, N_in]`` layer weights.
+    """
+    n_bins = bin_times.shape[0]
+    membership = (bin_index[:, None] == jnp.arange(n_bins)).astype(weights.dtype)
+    return Events(bin_times, (weights @ membership).T, jnp.zeros((), jnp.int32))
+
+
+def feedforward_layer(
+    model: NeuronModel,
+    events: Events,
+    initial_state: Array,
+    T: float,
+    max_spikes: int,
+) -> LayerResult:
+    """Simulate a layer of independent neurons driven by input events.
+
+    Neurons of a layer do not influence each other, so one scan step per input event suffices: the
+    step moves all neurons to the event time (recording their own spikes on the way with
+    ``model.emit_spikes``) and applies the event. Cost grows with the number of input events, not
+    with the spikes of the layer.
+
+    Args:
+        model: neuron model (static).
+        events: input events (:class:`Events`), times ascending and ``>= 0``.
+        initial_state: ``[D, N]`` states at ``t = 0``.
+        T: trial duration (static).
+        max_spikes: spike buffer size ``K`` per neuron (static).
+    """
+    dtype = initial_state.dtype
+    n_neurons = initial_state.shape[-1]
+    # A final zero-weight event at T flushes the spikes between the last input and the trial end.
+    times = jnp.concatenate([events.times.astype(dtype), jnp.full((1,), T, dtype)])
+    weights = jnp.concatenate([events.weights.astype(dtype), jnp.zeros((1, n_neurons), dtype)])
+
+    def step(carry, event):
+        t_prev, x, spike_count, spike_times = carry
+        t_event, w = event
+        in_trial = t_event < T
+        t_next = jnp.where(in_trial, t_event, T)
+        x, spike_count, spike_times = model.emit_spikes(
+            x, t_prev, t_next, spike_count, spike_times
+        )
+        x = jnp.where(in_trial, model.receive(x, w), x)
+        return (t_next, x, spike_count, spike_times), None
+
+    init = (
+        jnp.zeros((), dtype),
+        initial_state,
+        jnp.zeros((n_neurons,), jnp.int32),
+        jnp.full((n_neurons, max_spikes), jnp.inf, dtype),
+    )
+    (_, final_state, spike_count, spike_times), _ = lax.scan(step, init, (times, weights))
+    return LayerResult(spike_times, spike_count, final_state)
+
+
+def recurrent_network(
+    model: NeuronModel,
+    initial_state: Array,
+    network_weights: Array,
+    input_weights: Array,
+    input_times: Array,
+    T: float,
+    max_events: int,
+    max_spikes: int,
+) -> NetworkResult:
+    """Simulate a recurrent network driven by input spikes, one event per scan step.
+
+    Each step finds the next event, the earlier of the next input spike and the next network spike,
+    moves all neurons to it, resets a spiking neuron and delivers the event's weights
+    (``network_weights[:, j]`` for neuron ``j``, ``input_weights[:, i]`` for input ``i``). On a tie
+    the network spike goes first.
+
+    Args:
+        model: neuron model (static).
+        initial_state: ``[D, N]`` states at ``t = 0``.
+        network_weights: ``[N, N]``, entry ``(i, j)`` from neuron ``j`` to neuron ``i``.
+        input_weights: ``[N, N_in]``.
+        input_times: ``[N_in, K_in]`` input spike times (any order, ``+inf`` padded, ``>= 0``).
+        T: trial duration (static).
+        max_events: number of event steps (input plus network spikes, static).
+        max_spikes: spike buffer size ``K`` per neuron (static).
+    """
+    dtype = initial_state.dtype
+    n_neurons = initial_state.shape[-1]
+    flat_times, source = _flatten_spike_trains(input_times.astype(dtype))
+    order = jnp.argsort(lax.stop_gradient(flat_times))
+    queue_times = jnp.concatenate([flat_times[order], jnp.full((1,), jnp.inf, dtype)])
+    queue_source = jnp.concatenate([source[order], jnp.zeros((1,), source.dtype)])
+    slots = jnp.arange(max_spikes)
+
+    def step(carry, _):
+        t, x, queue_pos, spike_count, spike_times = carry
+        dt_spike = model.next_spike_dt(x)
+        neuron = jnp.argmin(dt_spike)
+        dt_net = dt_spike[neuron]
+        dt_input = queue_times[queue_pos] - t
+        is_input = dt_input < dt_net
+        dt = jnp.where(is_input, dt_input, dt_net)
+        in_trial = t + dt < T
+        dt = jnp.where(in_trial, dt, T - t)
+        network_spike = in_trial & ~is_input
+
+        x_new = model.flow(x, dt)
+        reset = model.spike_reset(x[:, neuron], dt)
+        x_new = x_new.at[:, neuron].set(jnp.where(network_spike, reset, x_new[:, neuron]))
+        w = jnp.where(
+            is_input,
+            input_weights[:, queue_source[queue_pos]],
+            network_weights[:, neuron],
+        )
+        x_new = jnp.where(in_trial, model.receive(x_new, w), x_new)
+
+        t_new = t + dt
+        write = network_spike & (slots == spike_count[neuron])
+        spike_times = spike_times.at[neuron].set(
+            jnp.where(write, t_new, spike_times[neuron])
+        )
+        spike_count = spike_count.at[neuron].add(network_spike.astype(jnp.int32))
+        queue_pos = queue_pos + (is_input & in_trial)
+        return (t_new, x_new, queue_pos, spike_count, spike_times), None
+
+    init = (
+        jnp.zeros((), dtype),
+        initial_state,
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((n_neurons,), jnp.int32),
+        jnp.full((n_neurons, max_spikes), jnp.inf, dtype),
+    )
+    (end_time, final_state, _, spike_count, spike_times), _ = lax.scan(
+        step, init, None, length=max_events
+    )
+    return NetworkResult(spike_times, spike_count, final_state, end_time)
+
+
+def filled_spike_times(
+    model: PseudoNeuronModel,
+    spike_times: Array,
+    spike_count: Array,
+    final_state: Array,
+    drive: Array,
+    T: float,
+) -> Array:
+    """Spike times ``[N, K]`` with missing spikes filled by pseudospikes.
+
+    Slot ``k`` holds the ``k``-th ordinary spike if the neuron had more than ``k`` spikes, else its
+    ``(k - spike_count + 1)``-th pseudospike time (after ``T``).
+
+    Args:
+        spike_times: ``[N, K]`` ordinary spike times; spike_count: ``[N]``.
+        final_state: ``[D, N]`` state at the trial end; drive: ``[N]`` pseudo drive.
+    """
+    slot = jnp.arange(spike_times.shape[-1])
+    missing = slot[None, :] >= spike_count[:, None]
+    k = (slot[None, :] - spike_count[:, None] + 1).astype(spike_times.dtype)
+    pseudo = model.pseudospike_time(final_state[:, :, None], drive[:, None], jnp.maximum(k, 1), T)
+    return jnp.where(missing, pseudo, spike_times)

@@ -1,0 +1,249 @@
+"""Batched layer and network functions built from the single-sample kernels.
+
+These are the functions the PyTorch side jit-compiles and calls. Leading ``B`` axes are batch.
+``T``, buffer sizes and the model are static (hashable) arguments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jax_kernels.models.base import NeuronModel, PseudoNeuronModel
+from jax_kernels.simulate import (
+    Events,
+    events_from_bins,
+    events_from_spike_trains,
+    feedforward_layer,
+    filled_spike_times,
+    recurrent_network,
+)
+
+
+class LayerOutput(NamedTuple):
+    """Batched output of a spiking layer.
+
+    Attributes:
+        spike_times: ``[B, N, K]`` ordinary spike times, ascending, ``+inf`` padded.
+        spike_count: ``[B, N]`` int32 spikes in the trial (``> K``: buffer overflow).
+        final_state: ``[B, D, N]`` states at the trial end.
+        filled_times: ``[B, N, K]`` spike times with missing spikes filled by pseudospikes
+            (equal to ``spike_times`` for models without pseudodynamics or with pseudospikes off).
+        pseudo_rate: ``[B, N]`` pseudo rates passed on to the next layer (zeros without pseudo).
+        n_dropped: ``[B]`` int32 input spikes in the trial that did not fit the event buffer.
+    """
+
+    spike_times: Array
+    spike_count: Array
+    final_state: Array
+    filled_times: Array
+    pseudo_rate: Array
+    n_dropped: Array
+
+
+def _layer_from_events(
+    model: NeuronModel,
+    events: Events,
+    weights: Array,
+    initial_state: Array,
+    input_rate: Optional[Array],
+    T: float,
+    max_spikes: int,
+    pseudo: bool,
+) -> LayerOutput:
+    """Simulate one sample and add its pseudospike outputs."""
+    result = feedforward_layer(model, events, initial_state, T, max_spikes)
+    if pseudo and isinstance(model, PseudoNeuronModel):
+        drive = (
+            jnp.zeros(weights.shape[0], weights.dtype) if input_rate is None else weights @ input_rate
+        )
+        filled = filled_spike_times(
+            model, result.spike_times, result.spike_count, result.final_state, drive, T
+        )
+        rate = model.pseudo_rate(result.final_state, drive)
+    else:
+        filled = result.spike_times
+        rate = jnp.zeros(weights.shape[0], weights.dtype)
+    return LayerOutput(
+        result.spike_times, result.spike_count, result.final_state, filled, rate, events.n_dropped
+    )
+
+
+def spiking_layer(
+    weights: Array,
+    initial_state: Array,
+    input_times: Array,
+    input_rate: Optional[Array] = None,
+    *,
+    model: NeuronModel,
+    T: float,
+    max_events: int,
+    max_spikes: int,
+    pseudo: bool = True,
+) -> LayerOutput:
+    """A feedforward spiking layer on a batch of input spike trains.
+
+    Args:
+        weights: ``[N, N_in]``.
+        initial_state: ``[D, N]`` (shared by all samples).
+        input_times: ``[B, N_in, K_in]`` input spike times (``>= 0``, ``+inf`` padded).
+        input_rate: ``[B, N_in]`` pseudo rates of the inputs, or ``None`` (all zero, e.g. for
+            encoded data).
+        model, T, max_events, max_spikes, pseudo: static configuration; ``max_events`` is the
+            input event buffer ``E``, ``max_spikes`` the output buffer ``K`` per neuron.
+    """
+
+    def one_sample(times, rate):
+        events = events_from_spike_trains(times, weights, max_events, T)
+        return _layer_from_events(
+            model, events, weights, initial_state, rate, T, max_spikes, pseudo
+        )
+
+    if input_rate is None:
+        return jax.vmap(lambda times: one_sample(times, None))(input_times)
+    return jax.vmap(one_sample)(input_times, input_rate)
+
+
+def binned_spiking_layer(
+    weights: Array,
+    initial_state: Array,
+    bin_index: Array,
+    *,
+    bin_times: Sequence[float],
+    model: NeuronModel,
+    T: float,
+    max_spikes: int,
+    pseudo: bool = True,
+) -> LayerOutput:
+    """A feedforward spiking layer on binned (time-to-first-spike) encoded inputs.
+
+    Input ``i`` of sample ``b`` spikes once at ``bin_times[bin_index[b, i]]``, or never if
+    ``bin_index >= len(bin_times)``. Inputs sharing a bin are fused into one event (one matmul per
+    bin), as the reference's virtual input neurons do.
+
+    Args:
+        weights: ``[N, N_in]``; initial_state: ``[D, N]``; bin_index: ``[B, N_in]`` integers.
+        bin_times: ascending spike time of each bin (static tuple).
+    """
+    times = jnp.asarray(bin_times, weights.dtype)
+
+    def one_sample(index):
+        events = events_from_bins(index, times, weights)
+        return _layer_from_events(
+            model, events, weights, initial_state, None, T, max_spikes, pseudo
+        )
+
+    return jax.vmap(one_sample)(bin_index)
+
+
+class NetworkOutput(NamedTuple):
+    """Batched output of :func:`recurrent_spiking_network`.
+
+    Attributes:
+        spike_times: ``[B, N, K]``; spike_count: ``[B, N]``; final_state: ``[B, D, N]``;
+        end_time: ``[B]`` (``< T``: the event buffer was too small).
+    """
+
+    spike_times: Array
+    spike_count: Array
+    final_state: Array
+    end_time: Array
+
+
+def recurrent_spiking_network(
+    network_weights: Array,
+    input_weights: Array,
+    initial_state: Array,
+    input_times: Array,
+    *,
+    model: NeuronModel,
+    T: float,
+    max_events: int,
+    max_spikes: int,
+) -> NetworkOutput:
+    """A recurrent network on a batch of input spike trains ``[B, N_in, K_in]``."""
+    return NetworkOutput(
+        *jax.vmap(
+            lambda times: recurrent_network(
+                model,
+                initial_state,
+                network_weights,
+                input_weights,
+                times,
+                T,
+                max_events,
+                max_spikes,
+            )
+        )(input_times)
+    )
+
+
+def block_feedforward_network(
+    weights: Sequence[Array],
+    initial_states: Sequence[Array],
+    input_times: Array,
+    input_rate: Optional[Array] = None,
+    *,
+    model: PseudoNeuronModel,
+    T: float,
+    max_events: int,
+    max_spikes: int,
+) -> tuple[Array, Array, Array, list[Array]]:
+    """A layered network simulated as *one* recurrent network (the reference's formulation).
+
+    All layers are advanced together, one event at a time, with the feedforward weights placed in
+    blocks of an ``[N, N]`` network matrix; pseudospikes come from the layer-wise pseudo-rate chain
+    on the end states. Slower than :func:`spiking_layer` stacked layer by layer, and independent of
+    it, so it serves as a check and as the benchmark baseline.
+
+    Args:
+        weights: per layer ``[N_l, N_{l-1}]`` (``N_0 = N_in``); the first may be per sample,
+            ``[B, N_1, N_in]`` (e.g. the reference's virtual inputs, one column per input bin).
+        initial_states: per layer ``[D, N_l]``.
+        input_times: ``[B, N_in, K_in]`` input spike trains.
+        input_rate: ``[B, N_in]`` input pseudo rates or ``None`` (zeros).
+
+    Returns:
+        ``(filled_times [B, N_L, K], spike_count [B, N], end_time [B], spike_times)`` of the last
+        layer's pseudo-filled spike times, the spike counts of all neurons, the simulated end time
+        and the per-layer ordinary spike times ``[B, N_l, K]``.
+    """
+    sizes = [w.shape[-2] for w in weights]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    n_total = offsets[-1]
+    dtype = weights[0].dtype
+    network_weights = jnp.zeros((n_total, n_total), dtype)
+    for layer in range(1, len(weights)):
+        network_weights = network_weights.at[
+            offsets[layer] : offsets[layer + 1], offsets[layer - 1] : offsets[layer]
+        ].set(weights[layer])
+    initial_state = jnp.concatenate(list(initial_states), axis=-1)
+
+    def one_sample(times, rate, first_weights):
+        input_weights = jnp.zeros((n_total, first_weights.shape[1]), dtype)
+        input_weights = input_weights.at[: sizes[0]].set(first_weights)
+        result = recurrent_network(
+            model, initial_state, network_weights, input_weights, times, T, max_events, max_spikes
+        )
+        for layer, w in enumerate([first_weights, *weights[1:]]):
+            block = slice(offsets[layer], offsets[layer + 1])
+            drive = w @ rate
+            state = result.final_state[:, block]
+            rate = model.pseudo_rate(state, drive)
+        filled = filled_spike_times(
+            model, result.spike_times[block], result.spike_count[block], state, drive, T
+        )
+        per_layer = [
+            result.spike_times[offsets[layer] : offsets[layer + 1]] for layer in range(len(sizes))
+        ]
+        return filled, result.spike_count, result.end_time, per_layer
+
+    if input_rate is None:
+        input_rate = jnp.zeros(input_times.shape[:2], dtype)
+    first_axis = 0 if weights[0].ndim == 3 else None
+    return jax.vmap(one_sample, in_axes=(0, 0, first_axis))(input_times, input_rate, weights[0])

@@ -554,7 +554,7 @@ def bin_pixels(images: Any, n_bins: int) -> torch.Tensor:
 def bin_spike_times(n_bins: int, T: float) -> tuple[float, ...]:
     """Input spike time of each spiking bin, as in the reference MNIST code.
 
-    An input neuron is a non-leaky-to-threshold LIF neuron driven by a constant current
+    An input neuron is a leaky integrate-and-fire neuron (time constant T) driven by a current
     ``I_const = n_bins - bin`` (``n_bins`` for bin 0, ..., 1 for bin ``n_bins-1``) and threshold
     ``V_th = 0.01 * n_bins``; it first reaches threshold at ``T * log(I_const / (I_const - V_th))``.
 

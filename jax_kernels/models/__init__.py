@@ -5,11 +5,17 @@ from jax_kernels.models.base import (
     PhaseOscillatorModel,
     PseudoNeuronModel,
 )
+from jax_kernels.models.lif import LIF
+from jax_kernels.models.osclif import OscLIF
+from jax_kernels.models.qif import QIF
 from jax_kernels.models.theta import Theta
 
 #: Registered models by name (used by ``spike_bridge.nn`` to build layers).
 MODELS: dict[str, type[NeuronModel]] = {
     "theta": Theta,
+    "qif": QIF,
+    "lif": LIF,
+    "osclif": OscLIF,
 }
 
 
@@ -25,10 +31,13 @@ def get_model(name: str, **params) -> NeuronModel:
 
 
 __all__ = [
+    "LIF",
     "MODELS",
     "NeuronModel",
+    "OscLIF",
     "PhaseOscillatorModel",
     "PseudoNeuronModel",
+    "QIF",
     "Theta",
     "get_model",
 ]

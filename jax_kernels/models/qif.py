@@ -38,10 +38,13 @@ class QIF(PseudoNeuronModel):
     ``I = 0`` and ``(cosh, sinh)`` analogues for ``I < 0`` (which, divided by ``cosh``, give the
     ``|V| < sqrt(-I)``, ``|V| = sqrt(-I)`` and ``|V| > sqrt(-I)`` solutions at once). ``C`` and
     ``S`` are analytic in ``I``; near ``I = 0`` their Taylor series is used, so flows and spike
-    times have exact gradients with respect to ``I`` at ``I = 0`` too (the I = 0 solution alone
-    does not depend on ``I``, which would zero that gradient). The neuron spikes where the
-    denominator vanishes, at ``s* = arccot(V / sqrt(I)) / sqrt(I)`` (``arctanh(sqrt(-I) / V) /
-    sqrt(-I)`` for ``I < 0``, ``1/V`` for ``I = 0``), if ``s* < 1``.
+    times have exact gradients with respect to ``I`` at ``I = 0`` too: the I = 0 solution alone
+    does not depend on ``I`` and would zero that gradient, and the reference code's remedy (the
+    gradient of the I > 0 formula at I = 1e-6, via stop_gradient) is only approximate. The neuron
+    spikes where the denominator vanishes, at ``s* = arccot(V / sqrt(I)) / sqrt(I)``
+    (``arctanh(sqrt(-I) / V) / sqrt(-I)`` for ``I < 0``, ``1/V`` for ``I = 0``), if ``s* < 1``.
+    Flows return ``V = 1/eps`` from there on, also for a step rounded just past the spike, where
+    the closed form would wrap around to negative voltages.
 
     Pseudodynamics (Klos & Memmesheimer 2023): with ``I_p = I + drive`` and
     ``c = sqrt(alpha softplus(I_p / alpha))``, the neuron is treated as a theta neuron with pseudo

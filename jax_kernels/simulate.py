@@ -142,26 +142,36 @@ def feedforward_layer(
     # A final zero-weight event at T flushes the spikes between the last input and the trial end.
     times = jnp.concatenate([events.times.astype(dtype), jnp.full((1,), T, dtype)])
     weights = jnp.concatenate([events.weights.astype(dtype), jnp.zeros((1, n_neurons), dtype)])
+    closed_form = model.layer_simulator(T)
+    if closed_form is not None:
+        return LayerResult(*closed_form(times, weights, initial_state, max_spikes))
+    n_slots = model.spikes_per_interval(T, max_spikes)
 
+    # The spikes of each interval leave the scan as outputs rather than being written into a
+    # buffer carried through it: the carry (and the backward pass through it) stays [D, N].
     def step(carry, event):
-        t_prev, x, spike_count, spike_times = carry
+        t_prev, x = carry
         t_event, w = event
         in_trial = t_event < T
         t_next = jnp.where(in_trial, t_event, T)
-        x, spike_count, spike_times = model.emit_spikes(
-            x, t_prev, t_next, spike_count, spike_times
-        )
+        x, times, count = model.emit_spikes(x, t_prev, t_next, n_slots)
         x = jnp.where(in_trial, model.receive(x, w), x)
-        return (t_next, x, spike_count, spike_times), None
+        return (t_next, x), (times, count)
 
-    init = (
-        jnp.zeros((), dtype),
-        initial_state,
-        jnp.zeros((n_neurons,), jnp.int32),
-        jnp.full((n_neurons, max_spikes), jnp.inf, dtype),
+    (_, final_state), (times, counts) = lax.scan(
+        step, (jnp.zeros((), dtype), initial_state), (times, weights)
     )
-    (_, final_state, spike_count, spike_times), _ = lax.scan(step, init, (times, weights))
-    return LayerResult(spike_times, spike_count, final_state)
+    spike_times = earliest(jnp.moveaxis(times, 1, 0).reshape(n_neurons, -1), max_spikes)
+    return LayerResult(spike_times, jnp.sum(counts, axis=0), final_state)
+
+
+def earliest(times: Array, k: int) -> Array:
+    """The ``k`` smallest entries along the last axis, ascending, ``+inf`` padded."""
+    if times.shape[-1] < k:
+        pad = [(0, 0)] * (times.ndim - 1) + [(0, k - times.shape[-1])]
+        times = jnp.pad(times, pad, constant_values=jnp.inf)
+    negative, _ = lax.top_k(-times, k)
+    return -negative
 
 
 def recurrent_network(

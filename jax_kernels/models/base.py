@@ -21,6 +21,7 @@ Models with pseudodynamics also provide ``pseudo_rate`` and ``pseudospike_time``
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -84,52 +85,54 @@ class NeuronModel(ABC):
         """Project states onto the valid range (identity unless the model has bounded states)."""
         return x
 
-    def emit_spikes(
-        self,
-        x: Array,
-        t_start: Array,
-        t_end: Array,
-        spike_count: Array,
-        spike_times: Array,
-    ) -> tuple[Array, Array, Array]:
-        """Simulate the input-free interval ``[t_start, t_end)`` and record the spikes in it.
+    def layer_simulator(self, T: float):
+        """A specialised single-sample layer simulator for trials of length ``T``, or ``None``.
 
-        Generic version: up to ``K`` spikes per neuron in the interval, one ``next_spike_dt`` /
-        ``spike_reset`` per iteration (a fixed trip count keeps it reverse-differentiable).
+        If given, :func:`jax_kernels.simulate.feedforward_layer` calls it as
+        ``fn(times [S], weights [S, N], initial_state [D, N], max_spikes)`` (the last event is a
+        zero-weight event at ``T``; times ``>= T`` are not applied) and expects
+        ``(spike_times [N, K], spike_count [N], final_state [D, N])``.
+        """
+        return None
+
+    def spikes_per_interval(self, T: float, max_spikes: int) -> int:
+        """Bound ``J`` on the spikes :meth:`emit_spikes` reports per neuron and interval."""
+        return max_spikes
+
+    def emit_spikes(
+        self, x: Array, t_start: Array, t_end: Array, n_slots: int
+    ) -> tuple[Array, Array, Array]:
+        """Simulate the input-free interval ``[t_start, t_end)`` and return its spikes.
+
+        Generic version: ``n_slots`` rounds of ``next_spike_dt`` / ``spike_reset`` (a fixed trip
+        count keeps it reverse-differentiable); a spike still pending after them is counted, so
+        an overflow of the caller's buffer stays visible.
 
         Args:
-            x: states at ``t_start``, ``[D, N]``.
+            x: states ``[D, N]`` at ``t_start``.
             t_start, t_end: interval bounds (scalars, ``t_start <= t_end``).
-            spike_count: ordinary spikes so far ``[N]`` (int32; may exceed ``K``, which marks an
-                overflow of the spike buffer).
-            spike_times: spike buffer ``[N, K]``; slot ``k`` holds the ``k``-th spike time.
+            n_slots: ``J`` spike times to report per neuron (static).
 
         Returns:
-            ``(x at t_end, spike_count, spike_times)``.
+            ``(x at t_end [D, N], spike times [N, J] ascending and +inf padded,
+            spike count [N] int32)``; the count may exceed ``J``.
         """
-        max_spikes = spike_times.shape[-1]
-        slots = jnp.arange(max_spikes)
-        t_neuron = jnp.broadcast_to(t_start, spike_count.shape).astype(x.dtype)
+        t_neuron = jnp.broadcast_to(t_start, x.shape[1:]).astype(x.dtype)
 
-        def one_spike(_, carry):
-            x, t_neuron, spike_count, spike_times = carry
+        def one_spike(carry, _):
+            x, t_neuron = carry
             dt = self.next_spike_dt(x)
             spikes = t_neuron + dt < t_end
             dt_safe = jnp.where(spikes, dt, 0.0)
             x = jnp.where(spikes, self.spike_reset(x, dt_safe), x)
-            t_neuron = jnp.where(spikes, t_neuron + dt_safe, t_neuron)
-            write = spikes[:, None] & (slots == spike_count[:, None])
-            spike_times = jnp.where(write, t_neuron[:, None], spike_times)
-            return x, t_neuron, spike_count + spikes, spike_times
+            t_neuron = t_neuron + dt_safe
+            return (x, t_neuron), jnp.where(spikes, t_neuron, jnp.inf)
 
-        x, t_neuron, spike_count, spike_times = lax.fori_loop(
-            0, max_spikes, one_spike, (x, t_neuron, spike_count, spike_times)
-        )
-        # A spike still pending in the interval means the buffer was too small: count it so the
-        # caller sees spike_count > K.
-        pending = t_neuron + self.next_spike_dt(x) < t_end
+        (x, t_neuron), times = lax.scan(one_spike, (x, t_neuron), None, length=n_slots)
+        count = jnp.sum(jnp.isfinite(times), axis=0, dtype=jnp.int32)
+        count = count + (t_neuron + self.next_spike_dt(x) < t_end)
         x = self.flow(x, t_end - t_neuron)
-        return x, spike_count + pending, spike_times
+        return x, times.T, count
 
 
 class PseudoNeuronModel(NeuronModel):
@@ -192,7 +195,11 @@ class PhaseOscillatorModel(PseudoNeuronModel):
     def receive(self, x: Array, w: Array) -> Array:
         return self.phase_transfer(x[0], w)[None]
 
-    def emit_spikes(self, x, t_start, t_end, spike_count, spike_times):
+    def spikes_per_interval(self, T: float, max_spikes: int) -> int:
+        # Spikes come at least one period apart and intervals are shorter than T.
+        return max(1, min(max_spikes, math.ceil(T / self.period)))
+
+    def emit_spikes(self, x, t_start, t_end, n_slots):
         # Closed form: the phase grows linearly, so the spikes in the interval are
         # s0, s0 + Theta, s0 + 2 Theta, ... with s0 = t_start + Theta - phi, all strictly < t_end.
         period = self.period
@@ -202,13 +209,13 @@ class PhaseOscillatorModel(PseudoNeuronModel):
             first_spike < t_end, jnp.ceil((t_end - first_spike) / period), 0.0
         )
         n_spikes = lax.stop_gradient(n_spikes)
-        # Index of each slot's spike within this interval.
-        m = (jnp.arange(spike_times.shape[-1]) - spike_count[:, None]).astype(x.dtype)
-        write = (m >= 0) & (m < n_spikes[:, None])
-        spike_times = jnp.where(write, first_spike[:, None] + m * period, spike_times)
         last_spike = first_spike + jnp.maximum(n_spikes - 1, 0.0) * period
         phase = jnp.where(n_spikes > 0, t_end - last_spike, phase + (t_end - t_start))
-        return phase[None], spike_count + n_spikes.astype(spike_count.dtype), spike_times
+        m = jnp.arange(n_slots, dtype=x.dtype)
+        times = jnp.where(
+            m < n_spikes[:, None], first_spike[:, None] + m * period, jnp.inf
+        )
+        return phase[None], times, n_spikes.astype(jnp.int32)
 
     def pseudo_rate(self, x_end: Array, drive: Array) -> Array:
         return self.phase_transfer(x_end[0], drive) / self.period

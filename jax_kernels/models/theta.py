@@ -3,12 +3,14 @@ r"""Oscillatory quadratic integrate-and-fire (theta) neuron with delta-pulse cou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from math import pi, sqrt
 
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 from jax_kernels.models.base import PhaseOscillatorModel, require_positive
+from jax_kernels.simulate import earliest
 
 
 @dataclass(frozen=True)
@@ -21,21 +23,19 @@ class Theta(PhaseOscillatorModel):
     ``-inf``) in the free period ``Theta = tau pi / sqrt(I0 - 1/4)``. The state is the phase
     ``phi = tau / c (arctan((V - 1/2) / c) + pi/2)`` with ``c = sqrt(I0 - 1/4)``, which grows at
     rate 1; an input pulse adds ``w`` to ``V``. It can never push the phase past ``Theta``, so spikes
-    only appear or vanish at the trial end.
+    only appear or vanish at the trial end. (The reference code's ``eps`` guard against the pole of
+    ``tan`` is not needed: see :meth:`phase_transfer`.)
 
     Attributes:
         tau: membrane time constant (> 0).
         I0: constant input current (> 1/4).
-        eps: phases within ``eps`` of 0 or ``Theta`` are treated as ``V = -inf`` / ``+inf``
-            (inputs leave them unchanged), which keeps ``tan`` finite.
     """
 
     tau: float = 1.0
     I0: float = 1.25
-    eps: float = 1e-6
 
     def __post_init__(self):
-        require_positive(self, "tau", "eps")
+        require_positive(self, "tau")
         if not self.I0 > 0.25:
             raise ValueError(
                 f"Theta: `I0` must be greater than 1/4 (oscillatory regime), got {self.I0!r}."
@@ -50,17 +50,62 @@ class Theta(PhaseOscillatorModel):
         return self.tau * pi / self._root
 
     def phase_to_voltage(self, phase: Array) -> Array:
-        """``V(phi)``; phases outside ``(eps, Theta - eps)`` map to ``-+1/eps``."""
-        inside = (phase > self.eps) & (phase < self.period - self.eps)
-        safe_phase = jnp.where(inside, phase, self.period / 2)
-        voltage = self._root * jnp.tan(safe_phase * self._root / self.tau - pi / 2) + 0.5
-        return jnp.where(inside, voltage, jnp.sign(phase - self.period / 2) / self.eps)
+        """``V(phi)`` (``-inf`` at ``phi = 0``, ``+inf`` at ``Theta``), e.g. for voltage traces."""
+        return self._root * jnp.tan(phase * self._root / self.tau - pi / 2) + 0.5
 
     def voltage_to_phase(self, voltage: Array) -> Array:
         """``phi(V)``, in ``(0, Theta)`` for finite ``V``."""
         return self.tau / self._root * (jnp.arctan((voltage - 0.5) / self._root) + pi / 2)
 
     def phase_transfer(self, phase: Array, w: Array) -> Array:
-        inside = (phase > self.eps) & (phase < self.period - self.eps)
-        shifted = self.voltage_to_phase(self.phase_to_voltage(phase) + w)
-        return jnp.where(inside, shifted, phase)
+        # With a = c phi / tau in [0, pi] and V - 1/2 = -c cot(a):
+        #   H = tau / c (pi/2 + arctan(w / c - cot a)) = tau / c (pi/2 + atan2(w/c sin a - cos a, sin a)),
+        # which holds since sin a >= 0. Unlike the tan/arctan form it has no pole: phases 0 and Theta
+        # (V = -inf, +inf) map to themselves with finite gradients, so no clamping is needed.
+        angle = phase * (self._root / self.tau)
+        sin, cos = jnp.sin(angle), jnp.cos(angle)
+        shifted = jnp.arctan2(w / self._root * sin - cos, sin)
+        return self.tau / self._root * (pi / 2 + shifted)
+
+    def layer_simulator(self, T: float):
+        # For T < Theta each neuron spikes at most once between two inputs, which allows a
+        # representation without transcendental functions in the scan (see _rotating_layer).
+        return partial(self._rotating_layer, T) if T < self.period else None
+
+    def _rotating_layer(self, T, times, weights, initial_state, max_spikes):
+        """Feedforward layer with the phase as a point on the unit circle.
+
+        The state ``z = (cos a, sin a)``, ``a = pi phi / Theta``, rotates by the same angle for all
+        neurons between two inputs (a 2x2 rotation); passing ``a = pi`` is a spike, after which the
+        reset state is ``-z``; an input maps ``z`` to ``(cos a - u sin a, sin a) / norm`` with
+        ``u = w / sqrt(I0 - 1/4)`` (the phase transfer function, rewritten). The spike times'
+        ``arctan2`` is computed after the scan, vectorised over all steps.
+        """
+        angular_speed = self._root / self.tau  # pi / Theta
+        interval_end = jnp.minimum(times, T)
+        angle_step = angular_speed * jnp.diff(interval_end, prepend=jnp.zeros((1,), times.dtype))
+        applied = (times < T)[:, None]
+        u = jnp.where(applied, weights / self._root, 0.0)
+        angle0 = angular_speed * initial_state[0]
+
+        def step(z, event):
+            cos, sin = z
+            cos_step, sin_step, u = event
+            cos, sin = cos * cos_step - sin * sin_step, sin * cos_step + cos * sin_step
+            spiked = (sin < 0) | ((sin == 0) & (cos < 0))
+            cos, sin = jnp.where(spiked, -cos, cos), jnp.where(spiked, -sin, sin)
+            after_spike = (cos, sin)
+            shifted = cos - u * sin
+            inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
+            return (shifted * inverse_norm, sin * inverse_norm), (spiked, after_spike)
+
+        (cos, sin), (spiked, (cos_after, sin_after)) = lax.scan(
+            step,
+            (jnp.cos(angle0), jnp.sin(angle0)),
+            (jnp.cos(angle_step), jnp.sin(angle_step), u),
+        )
+        since_spike = jnp.arctan2(sin_after, cos_after) / angular_speed
+        spike_times = jnp.where(spiked, interval_end[:, None] - since_spike, jnp.inf)
+        spike_times = earliest(spike_times.T, max_spikes)
+        final_phase = jnp.arctan2(sin, cos) / angular_speed
+        return spike_times, jnp.sum(spiked, axis=0, dtype=jnp.int32), final_phase[None]

@@ -130,8 +130,10 @@ class NeuronModel(ABC):
 
         (x, t_neuron), times = lax.scan(one_spike, (x, t_neuron), None, length=n_slots)
         count = jnp.sum(jnp.isfinite(times), axis=0, dtype=jnp.int32)
-        count = count + (t_neuron + self.next_spike_dt(x) < t_end)
-        x = self.flow(x, t_end - t_neuron)
+        next_dt = self.next_spike_dt(x)
+        count = count + (t_neuron + next_dt < t_end)
+        # With a spike still pending (overflow) stop at it: flows are only valid up to a spike.
+        x = self.flow(x, jnp.minimum(t_end - t_neuron, next_dt))
         return x, times.T, count
 
 
@@ -162,7 +164,8 @@ class PhaseOscillatorModel(PseudoNeuronModel):
     The phase ``phi`` (state ``[1, *N]``) grows at rate 1 between inputs; the neuron spikes when it
     reaches the free period ``Theta`` and is reset to 0. An input of weight ``w`` maps the phase
     through the phase transfer function ``H(phi, w) = Phi(V(phi) + w)``. Pseudodynamics:
-    ``r = H(phi_end, drive) / Theta`` and ``t_k = T + k Theta - H(phi_end, drive)``.
+    ``r = H(phi_end, drive) / Theta`` and ``t_k = T + (k - 1) Theta + H(Theta, drive) - H(phi_end,
+    drive)`` (the reference's ``T + k Theta - H(phi_end, drive)`` whenever ``H(Theta, .) = Theta``).
     """
 
     state_names: ClassVar[tuple[str, ...]] = ("phase",)
@@ -221,4 +224,13 @@ class PhaseOscillatorModel(PseudoNeuronModel):
         return self.phase_transfer(x_end[0], drive) / self.period
 
     def pseudospike_time(self, x_end: Array, drive: Array, k: Array, T: float) -> Array:
-        return T + k * self.period - self.phase_transfer(x_end[0], drive)
+        # The reference's T + k Theta - H(phi_end, drive), shifted by H(Theta, drive) - Theta so
+        # that it tends to T as phi_end -> Theta for every drive. The shift is 0 for the theta
+        # neuron (H(Theta, .) = Theta) but not for saturating transfer functions with negative
+        # drive (oscillatory LIF), which would otherwise jump when a spike leaves the trial.
+        return (
+            T
+            + (k - 1) * self.period
+            + self.phase_transfer(jnp.full_like(x_end[0], self.period), drive)
+            - self.phase_transfer(x_end[0], drive)
+        )

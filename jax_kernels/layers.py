@@ -144,12 +144,14 @@ class NetworkOutput(NamedTuple):
 
     Attributes:
         spike_times: ``[B, N, K]``; spike_count: ``[B, N]``; final_state: ``[B, D, N]``;
+        filled_times: ``[B, N, K]`` spike times with pseudospikes filling missing slots;
         end_time: ``[B]`` (``< T``: the event buffer was too small).
     """
 
     spike_times: Array
     spike_count: Array
     final_state: Array
+    filled_times: Array
     end_time: Array
 
 
@@ -163,22 +165,34 @@ def recurrent_spiking_network(
     T: float,
     max_events: int,
     max_spikes: int,
+    pseudo: bool = True,
 ) -> NetworkOutput:
-    """A recurrent network on a batch of input spike trains ``[B, N_in, K_in]``."""
-    return NetworkOutput(
-        *jax.vmap(
-            lambda times: recurrent_network(
-                model,
-                initial_state,
-                network_weights,
-                input_weights,
-                times,
-                T,
-                max_events,
-                max_spikes,
+    """A recurrent network on a batch of input spike trains ``[B, N_in, K_in]``.
+
+    Pseudospikes (as in the reference's recurrent experiment): each neuron's drive is
+    ``network_weights @ r`` with ``r`` the neurons' pseudo rates without synaptic drive.
+
+    Args:
+        network_weights: ``[N, N]`` (``(i, j)``: from ``j`` to ``i``); input_weights: ``[N, N_in]``;
+        initial_state: ``[D, N]``; input_times: ``[B, N_in, K_in]``.
+    """
+
+    def one_sample(times):
+        result = recurrent_network(
+            model, initial_state, network_weights, input_weights, times, T, max_events, max_spikes
+        )
+        if pseudo and isinstance(model, PseudoNeuronModel):
+            drive = network_weights @ model.recurrent_pseudo_rate(result.final_state)
+            filled = filled_spike_times(
+                model, result.spike_times, result.spike_count, result.final_state, drive, T
             )
-        )(input_times)
-    )
+        else:
+            filled = result.spike_times
+        return NetworkOutput(
+            result.spike_times, result.spike_count, result.final_state, filled, result.end_time
+        )
+
+    return jax.vmap(one_sample)(input_times)
 
 
 def block_feedforward_network(

@@ -1,1 +1,21 @@
-"""PyTorch front end for exact-gradient spiking neural networks."""
+"""PyTorch front end for exact-gradient spiking neural networks.
+
+Submodules: ``bridge`` (JAX functions as autograd functions), ``nn`` (layers, encoders,
+readouts), ``functional`` (encoders, losses, metrics), ``data`` (datasets, DataLoader helpers),
+``plot``. They are imported lazily: ``spike_bridge.data`` must stay free of JAX so that DataLoader
+workers start fast and never initialise JAX.
+"""
+
+import importlib
+
+__all__ = ["bridge", "data", "functional", "nn", "plot", "Spikes"]
+
+
+def __getattr__(name):
+    if name == "Spikes":
+        from spike_bridge.spikes import Spikes
+
+        return Spikes
+    if name in __all__:
+        return importlib.import_module(f"spike_bridge.{name}")
+    raise AttributeError(f"module 'spike_bridge' has no attribute {name!r}")

@@ -157,6 +157,11 @@ class PseudoNeuronModel(NeuronModel):
     def pseudospike_time(self, x_end: Array, drive: Array, k: Array, T: float) -> Array:
         """``k``-th pseudospike time (``k >= 1``, broadcastable) after the trial end ``T``."""
 
+    def recurrent_pseudo_rate(self, x_end: Array) -> Array:
+        """Pseudo rate a neuron passes on inside a recurrent network: the rate without synaptic
+        drive (the reference's recurrent experiment). Models with synaptic currents override it."""
+        return self.pseudo_rate(x_end, jnp.zeros_like(x_end[0]))
+
 
 class PhaseOscillatorModel(PseudoNeuronModel):
     """Oscillator in phase representation with delta-pulse coupling.

@@ -149,6 +149,10 @@ class QIF(PseudoNeuronModel):
         pseudo_current = x_end[1] + drive
         return self.pseudo_phase(x_end[0], pseudo_current) / self.pseudo_period(pseudo_current)
 
+    def recurrent_pseudo_rate(self, x_end: Array) -> Array:
+        # The reference cancels the synaptic current: pseudo current I + (-I) = 0.
+        return self.pseudo_rate(x_end, -x_end[1])
+
     def pseudospike_time(self, x_end: Array, drive: Array, k: Array, T: float) -> Array:
         pseudo_current = x_end[1] + drive
         return (

@@ -1,0 +1,138 @@
+"""Encoders, losses, readout metrics and activity statistics for spike-time networks.
+
+Times are in units of the neuron time constant; ``T`` is the trial duration. First-spike times
+``[B, C]`` come from :class:`spike_bridge.nn.FirstSpikeTime` (pseudospikes ``>= T`` for silent
+neurons, or ``T`` when pseudospikes are off).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from spike_bridge.data import bin_pixels, bin_spike_times, bins_to_times, flip_bins
+from spike_bridge.spikes import BinnedInput, Spikes
+
+__all__ = [
+    "accuracy",
+    "activity",
+    "binned_latency_encode",
+    "first_spike_cross_entropy",
+    "latency_encode",
+    "silent_fraction",
+    "spike_time_mse",
+]
+
+
+def _pixel_bins(images: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``[B, *]`` uint8 pixels, float intensities in [0, 1] or integer bins -> bins ``[B, N]``."""
+    if images.dim() < 2:
+        raise ValueError(f"images must have a batch axis, shape [B, *], got {list(images.shape)}")
+    if images.dtype in (torch.int64, torch.int32, torch.int16):
+        bins = images.flatten(1).to(torch.int64)
+        if bins.numel() and (int(bins.min()) < 0):
+            raise ValueError("precomputed input bins must be >= 0")
+        return bins.clamp(max=n_bins)
+    if images.is_floating_point():
+        if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
+            raise ValueError(
+                "float images must hold intensities in [0, 1] (e.g. torchvision ToTensor()); "
+                "pass uint8 pixels 0..255 or integer bins otherwise"
+            )
+        images = torch.round(images * 255).to(torch.uint8)
+    return bin_pixels(images.reshape(images.shape[0], 1, -1), n_bins)
+
+
+def binned_latency_encode(
+    images: torch.Tensor,
+    n_bins: int,
+    T: float,
+    flip_probability: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+) -> Spikes:
+    """The reference's time-to-first-spike image encoding (see ``BinnedLatencyEncoder``).
+
+    Args:
+        images: ``[B, *]`` uint8 pixels, float intensities in ``[0, 1]`` or integer bins.
+        n_bins: spiking bins; T: trial duration; flip_probability: input noise.
+        dtype, device: of the spike times (default: the default dtype, the images' device).
+
+    Returns:
+        :class:`Spikes` with ``times [B, N, 1]`` and the fused ``binned`` form.
+    """
+    device = images.device if device is None else device
+    bins = _pixel_bins(images, n_bins).to(device)
+    if flip_probability > 0:
+        bins = flip_bins(bins, flip_probability, n_bins, generator)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    times = bins_to_times(bins, n_bins, T, dtype=dtype)[..., None]
+    return Spikes(times, T, binned=BinnedInput(bins, bin_spike_times(n_bins, T)))
+
+
+def latency_encode(features: torch.Tensor, T: float, scale: float = 1.0) -> Spikes:
+    """Differentiable latency encoding ``t = T exp(-x / scale)``: ``[B, *]`` -> ``[B, N, 1]``.
+
+    ``x <= 0`` gives ``t >= T``, i.e. no spike in the trial; spikes move continuously to the trial
+    end as ``x -> 0``.
+    """
+    if not features.is_floating_point():
+        raise TypeError(f"features must be floating point, got {features.dtype}")
+    if features.dim() < 2:
+        raise ValueError(f"features must have a batch axis [B, *], got {list(features.shape)}")
+    times = T * torch.exp(-features.flatten(1) / scale)
+    return Spikes(times[..., None], T)
+
+
+def first_spike_cross_entropy(
+    first_times: torch.Tensor, labels: torch.Tensor, T: float, gamma: float = 1e-2
+) -> torch.Tensor:
+    r"""The reference's first-spike loss, averaged over the batch.
+
+    ``-log softmax(-t)[y] + gamma (exp(t_y / T) - 1)``: the correct output neuron should spike
+    first, and early (the regulariser pushes late correct spikes into the trial).
+
+    Args:
+        first_times: ``[B, C]`` first (pseudo)spike times; labels: ``[B]`` class indices.
+    """
+    if first_times.dim() != 2 or labels.shape != first_times.shape[:1]:
+        raise ValueError(
+            f"first_times must be [B, C] and labels [B], got {list(first_times.shape)} and "
+            f"{list(labels.shape)}"
+        )
+    true_time = first_times.gather(1, labels[:, None])[:, 0]
+    return F.cross_entropy(-first_times, labels) + gamma * torch.mean(torch.exp(true_time / T) - 1)
+
+
+def spike_time_mse(
+    times: torch.Tensor, targets: torch.Tensor, normalise: Optional[float] = None
+) -> torch.Tensor:
+    r"""Mean squared spike-time error ``mean(((t - t*) / (t* + normalise))^2)``.
+
+    Args:
+        times: ``[..., K]`` (pseudo)spike times, e.g. from ``SpikeTimes(k)``; targets: same shape
+            (broadcastable). ``normalise``: optional offset of the reference's relative error
+            (its recurrent experiment uses 2); ``None`` gives the plain squared error.
+    """
+    error = times - targets
+    if normalise is not None:
+        error = error / (targets + normalise)
+    return torch.mean(error**2)
+
+
+def accuracy(first_times: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of samples whose earliest output neuron is the label (``argmin`` over ``[B, C]``)."""
+    return (first_times.argmin(-1) == labels).to(first_times.dtype).mean()
+
+
+def activity(spikes: Spikes) -> torch.Tensor:
+    """Mean number of ordinary spikes per neuron and sample."""
+    return spikes.counts.to(spikes.times.dtype).mean()
+
+
+def silent_fraction(spikes: Spikes) -> torch.Tensor:
+    """Fraction of neurons that spike for no sample of the batch."""
+    return (spikes.counts.sum(0) == 0).to(spikes.times.dtype).mean()

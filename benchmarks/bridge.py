@@ -7,9 +7,11 @@ Sections (each a function returning a JSON-able dict; `main()` runs the register
   (eager path, and the custom-op path used under torch.compile) vs torch-jax-interop's
   ``WrappedJaxFunction``.
 
-A second section (a training step of a 784-100-100-10 theta network through the bridge vs pure
-JAX) is to be added once jax_kernels provides the network: write ``run_<name>() -> dict`` and
-add it to ``SECTIONS``.
+* ``training_step`` -- the gradient of the first-spike loss of a 784-100-100-10 theta network at
+  batch 1000 through ``spike_bridge.nn`` (one bridged call per layer) vs the same kernels in one
+  jitted JAX ``value_and_grad``.
+
+A new section is a ``run_<name>() -> dict`` registered in ``SECTIONS``.
 
 Timing: every candidate of a section runs once per round, in a shuffled order, for many rounds;
 the median per candidate is reported. Interleaving keeps the comparison fair on a shared,
@@ -240,8 +242,100 @@ def run_overhead(rounds: int = 5000, warmup: int = 500, size: int = 1000) -> dic
 # Driver
 # --------------------------------------------------------------------------------------------
 
+def run_training_step(rounds: int = 7, warmup: int = 2, batch: int = 1000,
+                      gain: float = 16.0) -> dict[str, object]:
+    """Gradient of the first-spike loss of a 784-100-100-10 theta network, batch 1000, float32.
+
+    ``bridge``: the ``spike_bridge.nn`` modules (one bridged JAX call per layer, buffers sized
+    from the data, torch autograd between layers). ``pure JAX``: the same layer kernels with the
+    same event buffers in one jitted ``value_and_grad``. Weights are the reference
+    initialisation times ``gain`` so that the hidden layers are active like a trained network's.
+    """
+    import math
+
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kernels  # the benchmark setup of benchmarks/kernels.py
+
+    from jax_kernels.layers import binned_spiking_layer, spiking_layer
+    from spike_bridge.functional import first_spike_cross_entropy
+    from spike_bridge.nn import BinnedLatencyEncoder, FirstSpikeTime, ThetaLinear
+
+    bins, labels = kernels.load_binary_images(batch)
+    weights, phases = kernels.init_params(jnp.float32, gain)
+    layers = [ThetaLinear(n_in, n_out) for n_in, n_out in zip(kernels.SIZES[:-1], kernels.SIZES[1:])]
+    with torch.no_grad():
+        for layer, w, p in zip(layers, weights, phases):
+            layer.weight.copy_(torch.from_numpy(np.asarray(w)))
+            layer.initial_state.copy_(torch.from_numpy(np.asarray(p)))
+    net = nn.Sequential(BinnedLatencyEncoder(n_bins=1, T=kernels.T), *layers, FirstSpikeTime())
+    bins_torch = torch.from_numpy(np.asarray(bins, dtype=np.int64))
+    labels_torch = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+    def bridge_step():
+        net.zero_grad(set_to_none=True)
+        first_times = net(bins_torch)
+        loss = first_spike_cross_entropy(first_times, labels_torch, T=kernels.T, gamma=kernels.GAMMA)
+        loss.backward()
+        return loss
+
+    # The event buffers the modules choose, for the pure-JAX version.
+    with torch.no_grad():
+        spikes = net[1](net[0](bins_torch))
+        buffers = []
+        for layer in net[2:4]:
+            buffers.append(16 * max(1, math.ceil(int(spikes.counts.sum(-1).max()) / 16)))
+            spikes = layer(spikes)
+
+    def pure_loss(params, bins, labels):
+        (weights, phases) = params
+        out = binned_spiking_layer(
+            weights[0], phases[0], bins, bin_times=kernels.BIN_TIMES, model=kernels.MODEL,
+            T=kernels.T, max_spikes=kernels.MAX_SPIKES,
+        )
+        for layer in (1, 2):
+            out = spiking_layer(
+                weights[layer], phases[layer], out.spike_times, out.pseudo_rate,
+                model=kernels.MODEL, T=kernels.T, max_events=buffers[layer - 1],
+                max_spikes=kernels.MAX_SPIKES,
+            )
+        return kernels.first_spike_loss(out.filled_times[..., 0], labels)
+
+    pure_step = jax.jit(jax.value_and_grad(pure_loss))
+    params = (weights, phases)
+    bins_jax, labels_jax = jnp.asarray(bins), jnp.asarray(labels)
+
+    def pure_jax_step():
+        return jax.block_until_ready(pure_step(params, bins_jax, labels_jax))
+
+    loss_pure, grads_pure = pure_jax_step()
+    loss_bridge = bridge_step()
+    grad_difference = max(
+        float(np.max(np.abs(layer.weight.grad.numpy() - np.asarray(g))) / float(np.max(np.abs(g))))
+        for layer, g in zip(layers, grads_pure[0])
+    )
+    timings = interleaved_timings(
+        {"pure JAX (one jitted value_and_grad)": pure_jax_step, "bridge (spike_bridge.nn)": bridge_step},
+        rounds=rounds, warmup=warmup,
+    )
+    print_table(f"training step, batch {batch}", timings, "pure JAX (one jitted value_and_grad)")
+    pure = timings["pure JAX (one jitted value_and_grad)"]["median_us"]
+    bridged = timings["bridge (spike_bridge.nn)"]["median_us"]
+    return {
+        "setup": f"784-100-100-10 theta, batch {batch}, float32, binary MNIST, weights x{gain}",
+        "event_buffers": buffers,
+        "loss_pure_jax": float(loss_pure),
+        "loss_bridge": float(loss_bridge),
+        "max_relative_weight_gradient_difference": grad_difference,
+        "timings": timings,
+        "ratio_bridge_over_pure_jax": bridged / pure,
+    }
+
+
 SECTIONS: dict[str, Callable[[], dict[str, object]]] = {
     "overhead": run_overhead,
+    "training_step": run_training_step,
 }
 
 

@@ -342,6 +342,19 @@ class QIFRecurrent(nn.Module):
                  learn_input_weights: bool = False, pseudo: bool = True,
                  name: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        for argument, value in [("in_features", in_features), ("num_neurons", num_neurons),
+                                ("max_events", max_events), ("max_spikes", max_spikes)]:
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"QIFRecurrent: `{argument}` must be a positive int, got {value!r}")
+        if not T > 0:
+            raise ValueError(f"QIFRecurrent: `T` (trial duration) must be positive, got {T!r}")
+        if isinstance(input_weight, torch.Tensor) and input_weight.shape not in (
+            torch.Size([]), torch.Size([num_neurons, in_features])
+        ):
+            raise ValueError(
+                f"QIFRecurrent: `input_weight` must be a float or a tensor of shape "
+                f"[{num_neurons}, {in_features}], got shape {list(input_weight.shape)}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.num_neurons = in_features, num_neurons
         self.model = QIF(tau=tau, alpha=alpha)

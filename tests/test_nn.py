@@ -352,9 +352,6 @@ def test_initial_phases_stay_in_range_after_optimizer_steps(direction):
     assert torch.equal(clamped.times, out_of_range.times)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: float32 theta layers with an initial phase "
-                                       "of exactly Theta emit slightly negative spike times "
-                                       "(reported; remove this marker once fixed)")
 def test_phase_at_theta_gives_valid_spike_times():
     """Theta is where the optimizer hook projects phases that were pushed up; such a neuron spikes
     at t = 0, and the next layer must accept that spike."""
@@ -523,8 +520,6 @@ def test_invalid_constructor_arguments(make, match):
         make()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: QIFRecurrent validates no constructor "
-                                       "argument (reported; remove this marker once fixed)")
 @pytest.mark.parametrize(
     "kwargs, name",
     [

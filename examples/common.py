@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import spike_bridge  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP)
+
 import numpy as np
 import torch
 from torch import nn

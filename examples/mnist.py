@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    data.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist",
+                      help="dataset")
     data.add_argument("--data-root", default="data", help="dataset folder (torchvision layout)")
     data.add_argument("--offline", action="store_true",
                       help="never try torchvision's download; use files or offline fallbacks")
@@ -94,17 +95,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=REFERENCE["epochs"],
                        help="total epochs (with --resume: including those already done)")
-    train.add_argument("--batch-size", type=int, default=REFERENCE["batch_size"])
-    train.add_argument("--eval-batch-size", type=int, default=1000)
-    train.add_argument("--optimizer", choices=["adabelief", "adam"], default="adabelief")
-    train.add_argument("--lr", type=float, default=REFERENCE["lr"])
+    train.add_argument("--batch-size", type=int, default=REFERENCE["batch_size"],
+                       help="training batch size")
+    train.add_argument("--eval-batch-size", type=int, default=1000, help="test batch size")
+    train.add_argument("--optimizer", choices=["adabelief", "adam"], default="adabelief",
+                       help="optimizer (betas 0.9, 0.999)")
+    train.add_argument("--lr", type=float, default=REFERENCE["lr"], help="initial learning rate")
     train.add_argument("--lr-decay-epochs", type=float, default=REFERENCE["lr_decay_epochs"],
                        help="lr * exp(-step / (this * steps per epoch)); 0 or inf: constant lr")
     train.add_argument("--gamma", type=float, default=REFERENCE["gamma"],
                        help="weight of the loss's early-spike regulariser")
     train.add_argument("--flip", type=float, default=REFERENCE["flip"],
                        help="probability of flipping each input bin in each training step")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seeds initialisation, shuffling and input noise")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cpu", help="torch device: cpu or cuda")

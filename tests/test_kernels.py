@@ -558,8 +558,16 @@ def leaving_spike(model, params, l):
     raise AssertionError("no spike leaves through T")
 
 
-@pytest.mark.parametrize("l", [1, 0], ids=["output_spike", "hidden_spike"])
-@pytest.mark.parametrize("model", [Theta(), QIF(), OscLIF()], ids=model_id)
+# A hidden spike leaving removes an input event of the next layer; pseudodynamics bridge that
+# exactly only where input pulses compose additively, H(H(phi, w), d - w) = H(phi, d). The
+# oscillatory LIF's transfer function saturates at threshold, so its hidden-spike case is not
+# continuous (in the reference's formulation either) and is not claimed.
+@pytest.mark.parametrize(
+    "model, l",
+    [(Theta(), 1), (QIF(), 1), (OscLIF(), 1), (Theta(), 0), (QIF(), 0)],
+    ids=lambda value: model_id(value) if not isinstance(value, int) else
+    ("output_spike", "hidden_spike")[1 - value],
+)
 def test_spike_times_continuous_when_a_spike_leaves(model, l):
     params, output_coefficients = continuity_problem(model)
     spike, j, direction, (lo, hi) = leaving_spike(model, params, l)

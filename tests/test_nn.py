@@ -292,7 +292,7 @@ def test_repr_shows_configuration():
     assert "n_bins=3, T=2.5, flip_probability=0.02" in text
     assert re.search(r"in_features=10, out_features=5, model=Theta\(tau=1\.90\d*, I0=1\.25\), "
                      r"T=2\.5, max_spikes=4, pseudo=True", text)
-    assert "model=QIF(tau=1.0, eps=1e-06, alpha=10.0), T=2.5, max_spikes=8" in text
+    assert "model=QIF(tau=1.0, eps=1e-09, alpha=10.0), T=2.5, max_spikes=8" in text
     assert "SpikeTimes(k=2, pseudo=True)" in text
     rec = repr(QIFRecurrent(3, 4, T=5.0, max_events=64, max_spikes=6))
     assert "num_neurons=4" in rec and "T=5.0, max_events=64, max_spikes=6" in rec

@@ -169,8 +169,9 @@ class PhaseOscillatorModel(PseudoNeuronModel):
     The phase ``phi`` (state ``[1, *N]``) grows at rate 1 between inputs; the neuron spikes when it
     reaches the free period ``Theta`` and is reset to 0. An input of weight ``w`` maps the phase
     through the phase transfer function ``H(phi, w) = Phi(V(phi) + w)``. Pseudodynamics:
-    ``r = H(phi_end, drive) / Theta`` and ``t_k = T + (k - 1) Theta + H(Theta, drive) - H(phi_end,
-    drive)`` (the reference's ``T + k Theta - H(phi_end, drive)`` whenever ``H(Theta, .) = Theta``).
+    ``r = phi_p / Theta`` and ``t_k = T + k Theta - phi_p`` with the pseudo phase
+    ``phi_p = H(phi_end, drive)`` of the reference, normalised for saturating ``H`` (see
+    :meth:`pseudo_phase`).
     """
 
     state_names: ClassVar[tuple[str, ...]] = ("phase",)
@@ -225,17 +226,25 @@ class PhaseOscillatorModel(PseudoNeuronModel):
         )
         return phase[None], times, n_spikes.astype(jnp.int32)
 
+    def pseudo_phase(self, phase: Array, drive: Array) -> Array:
+        """Pseudo phase ``Theta (H(phi, d) - H(0, d)) / (H(Theta, d) - H(0, d))`` in ``[0, Theta]``.
+
+        The reference uses ``H(phi, d)``; both agree when ``H(0, .) = 0`` and
+        ``H(Theta, .) = Theta`` (theta neuron). The normalisation keeps pseudospikes continuous
+        for saturating transfer functions (oscillatory LIF) as a spike crosses the trial end:
+        the end phase then jumps between ``Theta`` and ``0`` and the spike count by one, which
+        shifts every slot by exactly one period. A drive that saturates ``H`` (span 0) means an
+        immediate spike: pseudo phase ``Theta``.
+        """
+        low = self.phase_transfer(jnp.zeros_like(phase), drive)
+        high = self.phase_transfer(jnp.full_like(phase, self.period), drive)
+        span = high - low
+        has_span = span > 0
+        ratio = (self.phase_transfer(phase, drive) - low) / jnp.where(has_span, span, 1.0)
+        return self.period * jnp.where(has_span, ratio, 1.0)
+
     def pseudo_rate(self, x_end: Array, drive: Array) -> Array:
-        return self.phase_transfer(x_end[0], drive) / self.period
+        return self.pseudo_phase(x_end[0], drive) / self.period
 
     def pseudospike_time(self, x_end: Array, drive: Array, k: Array, T: float) -> Array:
-        # The reference's T + k Theta - H(phi_end, drive), shifted by H(Theta, drive) - Theta so
-        # that it tends to T as phi_end -> Theta for every drive. The shift is 0 for the theta
-        # neuron (H(Theta, .) = Theta) but not for saturating transfer functions with negative
-        # drive (oscillatory LIF), which would otherwise jump when a spike leaves the trial.
-        return (
-            T
-            + (k - 1) * self.period
-            + self.phase_transfer(jnp.full_like(x_end[0], self.period), drive)
-            - self.phase_transfer(x_end[0], drive)
-        )
+        return T + k * self.period - self.pseudo_phase(x_end[0], drive)

@@ -61,7 +61,7 @@ class QIF(PseudoNeuronModel):
     state_names: ClassVar[tuple[str, ...]] = ("V", "I")
 
     tau: float = 1.0
-    eps: float = 1e-6
+    eps: float = 1e-9
     alpha: float = 10.0
 
     def __post_init__(self):
@@ -143,7 +143,11 @@ class QIF(PseudoNeuronModel):
         """Pseudo phase ``phi_p`` in ``(0, Theta_p)``; ``Theta_p`` at ``V = +inf``."""
         root = self._pseudo_root(pseudo_current)
         # arctan2(c, 1/2 - V) = arctan((V - 1/2) / c) + pi/2, accurate for large |V| as well.
-        return self.tau * jnp.arctan2(root, 0.5 - voltage) / root
+        phase = self.tau * jnp.arctan2(root, 0.5 - voltage) / root
+        # +-1/eps stand for +-inf (at threshold / just reset): map them exactly to Theta_p and 0,
+        # so that pseudospikes stay continuous (not off by tau eps) when a spike crosses T.
+        phase = jnp.where(voltage >= 1 / self.eps, self.pseudo_period(pseudo_current), phase)
+        return jnp.where(voltage <= -1 / self.eps, 0.0, phase)
 
     def pseudo_rate(self, x_end: Array, drive: Array) -> Array:
         pseudo_current = x_end[1] + drive

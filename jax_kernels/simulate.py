@@ -162,7 +162,7 @@ def feedforward_layer(
         step, (jnp.zeros((), dtype), initial_state), (times, weights)
     )
     spike_times = earliest(jnp.moveaxis(times, 1, 0).reshape(n_neurons, -1), max_spikes)
-    return LayerResult(spike_times, jnp.sum(counts, axis=0), final_state)
+    return LayerResult(spike_times, jnp.sum(counts, axis=0, dtype=jnp.int32), final_state)
 
 
 def earliest(times: Array, k: int) -> Array:

@@ -35,10 +35,10 @@ demo: $(STAMP) data
 	$(PY) examples/mnist.py --dataset mnist --epochs 3 --batch-size 250 \
 		--max-train-samples 4000 --max-test-samples 1000 --out outputs/demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(PY) -m pip install -e '.[bench]'
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/bridge.py

@@ -1,0 +1,79 @@
+"""End-to-end smoke tests of ``examples/hybrid_conv.py`` and ``examples/spike_timing.py``.
+
+Each example runs as a subprocess on a tiny setting (a training step or two) and must print its
+output directory on the last line, with the metrics JSON and the PNGs in it and finite losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+TIMEOUT_S = 300
+
+
+def run_example(script: str, *args: str) -> Path:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, (
+        f"{script} failed ({result.returncode})\nstdout:\n{result.stdout[-4000:]}\n"
+        f"stderr:\n{result.stderr[-4000:]}"
+    )
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"{script} printed nothing"
+    out = Path(lines[-1])
+    assert out.is_dir(), f"last line of {script} is not the output directory: {lines[-1]!r}"
+    return out
+
+
+def _finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def test_hybrid_conv_tiny(tmp_path):
+    out = run_example(
+        "hybrid_conv.py", "--epochs", "1", "--max-train-samples", "48",
+        "--max-test-samples", "32", "--batch-size", "24", "--eval-batch-size", "32",
+        "--channels", "4", "8", "--pool-to", "2", "--hidden", "16",
+        "--data-root", str(REPO / "data"), "--out", str(tmp_path / "hybrid"), "--no-progress",
+    )
+    assert out == (tmp_path / "hybrid").resolve()
+    for name in ("metrics.json", "learning_curves.png", "raster.png", "model.pt"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert len(history["train_loss"]) == 1
+    assert _finite(history["train_loss"] + history["test_loss"])
+    for key in ("test_acc", "test_acc_ordinary", "train_acc"):
+        assert all(0.0 <= v <= 1.0 for v in history[key])
+    assert metrics["network"]["features"] == 8 * 2 * 2
+    assert metrics["data"]["train_samples"] == 48
+    assert metrics["final"]["test_input_spikes_per_sample"] <= 8 * 2 * 2
+
+
+def test_spike_timing_both_tiny(tmp_path):
+    out = run_example(
+        "spike_timing.py", "both", "--single-trials", "3", "--recurrent-trials", "2",
+        "--out", str(tmp_path / "timing"), "--no-progress",
+    )
+    assert out == (tmp_path / "timing").resolve()
+    for part, trials in (("single", 3), ("recurrent", 2)):
+        folder = out / part
+        for name in ("metrics.json", "spike_times.png", "loss.png"):
+            assert (folder / name).is_file(), f"{part}/{name}"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert len(metrics["loss"]) == trials + 1  # before each step and after the last
+        assert _finite(metrics["loss"] + [metrics["initial_loss"], metrics["final_loss"]])
+    single = json.loads((out / "single" / "metrics.json").read_text())
+    assert all(0.0 <= t <= single["config"]["T"] for t in single["after"]["trained_times"])
+    recurrent = json.loads((out / "recurrent" / "metrics.json").read_text())
+    assert len(recurrent["targets"]) == 2 and len(recurrent["after"]["spike_trains"]) == 10

@@ -23,6 +23,9 @@ reports input spikes per sample and the time per epoch.
     python examples/hybrid_conv.py --dataset mnist --epochs 5
     python examples/hybrid_conv.py --epochs 1 --max-train-samples 10000   # quick check
 
+Fashion-MNIST training images are flipped horizontally at random (``--no-flip`` turns it off;
+MNIST digits are never flipped).
+
 Writes ``metrics.json``, ``learning_curves.png``, ``raster.png`` (one test example through all
 layers) and ``model.pt`` into ``--out``; the last line printed is that directory.
 """
@@ -37,13 +40,17 @@ import sys
 import time
 from pathlib import Path
 
+import spike_bridge  # noqa: F401  (first: passive OpenMP waiting, set before torch loads)
+
 import torch
 from torch import nn
 
-from spike_bridge import plot
 from spike_bridge.data import data_summary, load_dataset, make_loader
 from spike_bridge.functional import first_spike_cross_entropy
-from spike_bridge.nn import FirstSpikeTime, LatencyEncoder, ThetaLinear
+
+# Only light imports at module level: DataLoader workers (forkserver / spawn) re-import this
+# script, and JAX (imported by spike_bridge.nn) must stay in the main process. spike_bridge.data
+# and spike_bridge.functional never import JAX.
 
 # Per-dataset pixel mean / std for input normalisation.
 NORMALISATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
@@ -60,12 +67,14 @@ class HybridConvNet(nn.Module):
         scale: latency scale, spike time ``T exp(-x / scale)`` of a feature ``x > 0``.
         threshold: features are standardised per channel (BatchNorm without affine parameters)
             and shifted down by ``threshold``; only features above it spike (0: about half).
-        max_spikes: spike buffer per theta neuron.
+        max_spikes: spike buffer per theta neuron (doubled when a neuron spikes more often).
     """
 
     def __init__(self, channels=(32, 64), pool_to: int = 4, hidden: int = 100, n_classes: int = 10,
-                 T: float = 2.0, scale: float = 1.0, threshold: float = 1.0,
+                 T: float = 2.0, scale: float = 0.5, threshold: float = 1.0,
                  max_spikes: int = 8):
+        from spike_bridge.nn import FirstSpikeTime, LatencyEncoder, ThetaLinear
+
         super().__init__()
         c1, c2 = channels
         self.T = float(T)
@@ -86,11 +95,23 @@ class HybridConvNet(nn.Module):
         """The spike trains of every spiking stage: encoder, hidden and output layer."""
         features = self.norm(self.conv(images)) - self.threshold
         encoded = self.encoder(features)
-        hidden = self.hidden(encoded)
-        return encoded, hidden, self.output(hidden)
+        hidden = _grow_on_overflow(self.hidden, encoded)
+        return encoded, hidden, _grow_on_overflow(self.output, hidden)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.readout(self.layers(images)[-1])
+
+
+def _grow_on_overflow(layer: nn.Module, spikes):
+    """Run a spiking layer; if a neuron overflows its spike buffer, double it and run again."""
+    from spike_bridge.nn import BufferOverflowError
+
+    while True:
+        try:
+            return layer(spikes)
+        except BufferOverflowError:
+            layer.max_spikes *= 2
+            print(f"{layer._name()}: spike buffer grown to max_spikes={layer.max_spikes}")
 
 
 def ordinary_correct(output_spikes, labels: torch.Tensor) -> torch.Tensor:
@@ -103,7 +124,7 @@ def ordinary_correct(output_spikes, labels: torch.Tensor) -> torch.Tensor:
     return (predicted == labels) & (earliest < output_spikes.T)
 
 
-def evaluate(net: HybridConvNet, loader, device) -> tuple[dict, dict]:
+def evaluate(net: HybridConvNet, loader, device, gamma: float = 1e-2) -> tuple[dict, dict]:
     """Test loss and accuracy with pseudospikes and with ordinary spikes only, plus activity.
 
     Also returns the first test example's spike times in every layer (for the raster plot).
@@ -121,7 +142,7 @@ def evaluate(net: HybridConvNet, loader, device) -> tuple[dict, dict]:
                 example = {"layers": [s.times[0] for s in (encoded, hidden, output)],
                            "label": int(labels[0]), "first_times": first[0]}
             n = labels.shape[0]
-            totals["loss"] += float(first_spike_cross_entropy(first, labels, net.T)) * n
+            totals["loss"] += float(first_spike_cross_entropy(first, labels, net.T, gamma)) * n
             totals["correct"] += int((first.argmin(-1) == labels).sum())
             totals["correct_ordinary"] += int(ordinary_correct(output, labels).sum())
             totals["input_spikes"] += float((encoded.times < net.T).sum())
@@ -149,6 +170,8 @@ def subset(dataset, max_samples, seed: int):
 
 def save_raster(example: dict, T: float, path: Path) -> dict:
     """Raster of one test example through encoder, hidden and output layer."""
+    from spike_bridge import plot
+
     plot.raster(example["layers"], T, names=["latency input", "hidden (theta)", "output (theta)"],
                 path=path)
     first = example["first_times"]
@@ -162,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist"])
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3,
                         help="Adam learning rate (cosine decay to 2%% of it over the epochs)")
@@ -178,31 +201,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="side of the final pooling: features = channels[1] * pool_to^2")
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--T", type=float, default=2.0, help="trial duration")
-    parser.add_argument("--scale", type=float, default=1.0, help="latency scale")
+    parser.add_argument("--scale", type=float, default=0.5, help="latency scale")
     parser.add_argument("--threshold", type=float, default=1.0,
                         help="features (standardised per channel) below this do not spike")
     parser.add_argument("--gamma", type=float, default=1e-2,
                         help="weight of the early-spike regulariser of the loss")
     parser.add_argument("--eval-batch-size", type=int, default=500)
+    parser.add_argument("--no-flip", action="store_true",
+                        help="no random horizontal flips of training images (Fashion-MNIST only; "
+                             "never used for MNIST digits)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    from torchvision import transforms
     from tqdm import tqdm
+
+    from spike_bridge import plot
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from torchvision import transforms
-
     mean, std = NORMALISATION[args.dataset]
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    train_full = load_dataset(args.dataset, args.data_root, train=True, transform=transform)
-    test_full = load_dataset(args.dataset, args.data_root, train=False, transform=transform)
+    test_transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    flip = args.dataset == "fashion-mnist" and not args.no_flip
+    train_transform = transforms.Compose(
+        ([transforms.RandomHorizontalFlip()] if flip else []) + test_transform.transforms)
+    train_full = load_dataset(args.dataset, args.data_root, train=True, transform=train_transform)
+    test_full = load_dataset(args.dataset, args.data_root, train=False, transform=test_transform)
     print(data_summary(train_full))
     print(data_summary(test_full))
     train_set = subset(train_full, args.max_train_samples, args.seed)
@@ -248,7 +279,7 @@ def main(argv=None) -> Path:
             seen += n
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         train_time = time.perf_counter() - start
-        example, test = evaluate(net, test_loader, device)
+        example, test = evaluate(net, test_loader, device, args.gamma)
         eval_time = time.perf_counter() - start - train_time
         history["train_loss"].append(loss_sum / seen)
         history["train_acc"].append(correct / seen)
@@ -268,7 +299,7 @@ def main(argv=None) -> Path:
         plot.learning_curves(history, path=out / "learning_curves.png")
 
     if args.epochs < 1:
-        example, _ = evaluate(net, test_loader, device)
+        example, _ = evaluate(net, test_loader, device, args.gamma)
     example = save_raster(example, args.T, out / "raster.png")
     metrics = {
         "config": vars(args),

@@ -39,6 +39,8 @@ import math
 import time
 from pathlib import Path
 
+import spike_bridge  # noqa: F401  (first: passive OpenMP waiting, set before torch loads)
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure

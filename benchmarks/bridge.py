@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import spike_bridge  # noqa: F401  (first: passive OpenMP waiting, set before torch loads)
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -244,7 +244,7 @@ def run_overhead(rounds: int = 5000, warmup: int = 500, size: int = 1000) -> dic
 # Driver
 # --------------------------------------------------------------------------------------------
 
-def run_training_step(rounds: int = 7, warmup: int = 2, batch: int = 1000,
+def run_training_step(rounds: int = 15, warmup: int = 2, batch: int = 1000,
                       gain: float = 16.0) -> dict[str, object]:
     """Gradient of the first-spike loss of a 784-100-100-10 theta network, batch 1000, float32.
 

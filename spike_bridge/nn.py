@@ -115,7 +115,7 @@ class _BoundedStates:
     ``state_dict()`` never holds invalid states.
     """
 
-    layers: "weakref.WeakSet[SpikingLinear | QIFRecurrent]" = weakref.WeakSet()
+    layers: "weakref.WeakSet[SpikingLinear]" = weakref.WeakSet()
     hook = None
 
     @classmethod
@@ -360,7 +360,6 @@ class QIFRecurrent(nn.Module):
         self.model = QIF(tau=tau, alpha=alpha)
         self.T, self.max_events, self.max_spikes = float(T), int(max_events), int(max_spikes)
         self.recurrent_scale, self.pseudo, self.name = float(recurrent_scale), bool(pseudo), name
-        self._state_low, self._state_high = _state_bounds(self.model)
         self._initial_input_weight = input_weight
         self.recurrent_weight = nn.Parameter(torch.empty(num_neurons, num_neurons, **factory))
         input_weight_tensor = torch.empty(num_neurons, in_features, **factory)
@@ -368,8 +367,7 @@ class QIFRecurrent(nn.Module):
             self.input_weight = nn.Parameter(input_weight_tensor)
         else:
             self.register_buffer("input_weight", input_weight_tensor)
-        self.initial_state = nn.Parameter(torch.empty(2, num_neurons, **factory))
-        _BoundedStates.register(self)
+        self.initial_state = nn.Parameter(torch.empty(2, num_neurons, **factory))  # V, I: unbounded
         self.register_buffer(
             "_off_diagonal", 1 - torch.eye(num_neurons, **factory), persistent=False
         )
@@ -382,9 +380,6 @@ class QIFRecurrent(nn.Module):
             self.input_weight.copy_(torch.as_tensor(self._initial_input_weight).expand_as(
                 self.input_weight))
             self.initial_state.zero_()
-
-    def clamped_initial_state(self) -> torch.Tensor:
-        return self.initial_state  # QIF states are unbounded
 
     def _name(self) -> str:
         return self.name or f"QIFRecurrent({self.in_features}->{self.num_neurons})"

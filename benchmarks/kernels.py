@@ -29,7 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_kernels.layers import binned_spiking_layer, block_feedforward_network, spiking_layer
+from jax_kernels.layers import (
+    binned_spiking_layer,
+    block_feedforward_network,
+    cotangent_like,
+    spiking_layer,
+)
 from jax_kernels.models import Theta
 
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
@@ -104,15 +109,6 @@ def loss_and_grad(first_times, labels):
 def events_needed(out) -> int:
     """Event buffer for the next layer: its largest input spike count in the batch, bucketed."""
     return bucket(int(jnp.max(jnp.sum(out.spike_count, -1))))
-
-
-def cotangent_like(out, **grads):
-    """A cotangent for a LayerOutput: the given gradients, zeros elsewhere (float0 for ints)."""
-    def zero(x):
-        if jnp.issubdtype(x.dtype, jnp.integer):
-            return np.zeros(x.shape, jax.dtypes.float0)
-        return jnp.zeros_like(x)
-    return jax.tree.map(zero, out)._replace(**grads)
 
 
 def layered_step(weights, phases, bins, labels):

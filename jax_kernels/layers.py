@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from jax_kernels.models.base import NeuronModel, PseudoNeuronModel
@@ -42,6 +43,20 @@ class LayerOutput(NamedTuple):
     filled_times: Array
     pseudo_rate: Array
     n_dropped: Array
+
+
+def cotangent_like(output: NamedTuple, **cotangents: Array) -> NamedTuple:
+    """A cotangent for ``jax.vjp`` of a layer: the given entries, zeros elsewhere.
+
+    Integer entries (spike counts) get ``float0`` zeros, as ``jax.vjp`` requires.
+    """
+
+    def zero(x):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return np.zeros(x.shape, jax.dtypes.float0)
+        return jnp.zeros_like(x)
+
+    return jax.tree.map(zero, output)._replace(**cotangents)
 
 
 def _layer_from_events(

@@ -28,6 +28,7 @@ import pytest  # noqa: E402
 from jax_kernels.layers import (  # noqa: E402
     binned_spiking_layer,
     block_feedforward_network,
+    cotangent_like,
     recurrent_spiking_network,
     spiking_layer,
 )
@@ -132,17 +133,6 @@ def layer_only(layer_fn, weights, state, times, rate):
 
 def finite(x):
     return jnp.where(jnp.isfinite(x), x, 0.0)
-
-
-def cotangent_like(out, **cotangents):
-    """Cotangent of a ``LayerOutput``: the given entries, zeros elsewhere (float0 for integers)."""
-
-    def zero(x):
-        if jnp.issubdtype(x.dtype, jnp.integer):
-            return np.zeros(x.shape, jax.dtypes.float0)
-        return jnp.zeros_like(x)
-
-    return jax.tree.map(zero, out)._replace(**cotangents)
 
 
 def stack_forward(model, params):

@@ -13,11 +13,17 @@ theta layers flow back into the convolutions. Loss: ``first_spike_cross_entropy`
 Speed: a spiking layer is simulated event by event, so its cost grows with the number of input
 spikes (features with ``x > 0``; the batch is padded to its busiest sample) times the number of
 neurons. The front end therefore ends in a moderate ``channels[-1] x 4 x 4`` features (1,024 by
-default), and a parameter-free BatchNorm followed by a fixed threshold (default: one standard
-deviation) keeps the input code sparse: only features clearly above their channel's mean spike
-(about a fifth of them), earlier the stronger they are. This bounds the simulation cost per
-sample independently of how the convolutions scale their outputs during training. The script
-reports input spikes per sample and the time per epoch.
+default), and a parameter-free BatchNorm followed by a fixed threshold (default: half a standard
+deviation) keeps the input code sparse: only features above their channel's mean spike (about
+280 of the 1,024, earlier the stronger they are). This bounds the simulation cost per sample
+independently of how the convolutions scale their outputs during training (``--threshold 1``:
+about 150 input spikes, about 1.4x faster, about 0.6 points less accurate after 3 epochs). The
+script reports input spikes per sample and the time per epoch.
+
+Measured on 2 shared CPU cores (defaults, full Fashion-MNIST): about 5 minutes per training
+epoch (the first epoch takes longer: every new event-buffer size compiles the layer kernel
+once); with ``--epochs 3`` the test accuracy reached 90.0% (71.8% with ordinary spikes only).
+The default 20 epochs aim at >= 91%.
 
     python examples/hybrid_conv.py                        # Fashion-MNIST, defaults below
     python examples/hybrid_conv.py --dataset mnist --epochs 5
@@ -66,12 +72,13 @@ class HybridConvNet(nn.Module):
         T: trial duration (theta time units; the reference MNIST setup uses 2).
         scale: latency scale, spike time ``T exp(-x / scale)`` of a feature ``x > 0``.
         threshold: features are standardised per channel (BatchNorm without affine parameters)
-            and shifted down by ``threshold``; only features above it spike (0: about half).
+            and shifted down by ``threshold``; only features above it spike (0: roughly half of
+            them; 0.5: about 27% in the trained default network).
         max_spikes: spike buffer per theta neuron (doubled when a neuron spikes more often).
     """
 
     def __init__(self, channels=(32, 64), pool_to: int = 4, hidden: int = 100, n_classes: int = 10,
-                 T: float = 2.0, scale: float = 0.5, threshold: float = 1.0,
+                 T: float = 2.0, scale: float = 0.5, threshold: float = 0.5,
                  max_spikes: int = 8):
         from spike_bridge.nn import FirstSpikeTime, LatencyEncoder, ThetaLinear
 
@@ -202,7 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--T", type=float, default=2.0, help="trial duration")
     parser.add_argument("--scale", type=float, default=0.5, help="latency scale")
-    parser.add_argument("--threshold", type=float, default=1.0,
+    parser.add_argument("--threshold", type=float, default=0.5,
                         help="features (standardised per channel) below this do not spike")
     parser.add_argument("--gamma", type=float, default=1e-2,
                         help="weight of the early-spike regulariser of the loss")

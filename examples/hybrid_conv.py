@@ -2,7 +2,7 @@
 
     image -> [Conv2d -> BatchNorm -> ReLU -> MaxPool] x 2 -> AdaptiveMaxPool (4x4)
           -> standardise per channel, minus a threshold      x = (f - mean) / std - threshold
-          -> LatencyEncoder (t = T exp(-x / scale))         one input spike per feature, x <= 0: none
+          -> LatencyEncoder (t = T exp(-x / scale))         one spike per feature x > 0, else none
           -> ThetaLinear(features, hidden) -> ThetaLinear(hidden, 10)
           -> FirstSpikeTime()                                the earliest output neuron is the class
 

@@ -29,7 +29,7 @@ from jax_kernels import layers as kernel_layers
 from jax_kernels.models import LIF, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
 from spike_bridge.bridge import jax_function
 from spike_bridge.functional import binned_latency_encode, latency_encode
-from spike_bridge.spikes import BinnedInput, Spikes
+from spike_bridge.spikes import Spikes
 
 __all__ = [
     "BinnedLatencyEncoder",

@@ -52,7 +52,7 @@ REFERENCE = {
 #: Settings that must match the checkpoint's when resuming (they define the network or data).
 RESUME_MUST_MATCH = (
     "dataset", "hidden", "model", "bins", "T", "w_scale", "dtype", "batch_size",
-    "max_train_samples", "optimizer",
+    "max_train_samples", "optimizer", "shift",
 )
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max-test-samples", type=int, default=None,
                       help="use only the first N test images")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--shift", type=int, default=0,
+                      help="augment training images by random translations of up to this many "
+                           "pixels in each direction (0: none)")
 
     net = parser.add_argument_group("network")
     net.add_argument("--hidden", type=int, nargs="*", default=REFERENCE["hidden"],
@@ -130,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
+    if not 0 <= args.shift < 28:
+        parser.error("--shift must be in [0, 27] pixels")
     if any(size < 1 for size in args.hidden):
         parser.error("--hidden sizes must be positive")
     if not 0 <= args.flip <= 1:
@@ -200,10 +205,15 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- data
     transform = BinPixels(args.bins)  # picklable; input noise is added by the encoder
+    train_transform = transform
+    if args.shift:  # random translation, zero padded; drawn in the DataLoader workers
+        from torchvision import transforms
+        train_transform = transforms.Compose(
+            [transforms.RandomCrop(28, padding=args.shift), transform])
     download = False if args.offline else "auto"
     try:
-        train_set = load_dataset(args.dataset, args.data_root, train=True, transform=transform,
-                                 download=download)
+        train_set = load_dataset(args.dataset, args.data_root, train=True,
+                                 transform=train_transform, download=download)
         # The training split has put the files in place (the network is not needed again).
         test_set = load_dataset(args.dataset, args.data_root, train=False, transform=transform,
                                 download=False)
@@ -250,7 +260,7 @@ def main(argv=None) -> int:
     print(f"Network: {sizes} {args.model} neurons, T={args.T}, {args.bins} input bin(s), "
           f"{sum(p.numel() for p in net.parameters()):,} parameters; {args.optimizer} "
           f"lr={args.lr} decaying over {args.lr_decay_epochs:g} epochs, gamma={args.gamma}, "
-          f"flip={args.flip}, {args.dtype} on {device}")
+          f"flip={args.flip}, shift={args.shift} px, {args.dtype} on {device}")
 
     history: list[dict] = []
     start_epoch = 0

@@ -149,6 +149,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def training_transform(n_bins: int, shift: int = 0):
+    """Training images (PIL, 28x28) -> int64 bin indices [784], randomly translated by up to
+    ``shift`` pixels along each axis (zero padded) when ``shift > 0``.
+
+    Picklable: the translation is drawn in the DataLoader workers with their seeded torch RNG.
+    """
+    from spike_bridge.data import BinPixels
+    from torchvision import transforms
+
+    if shift == 0:
+        return BinPixels(n_bins)
+    return transforms.Compose([transforms.RandomCrop(28, padding=shift), BinPixels(n_bins)])
+
+
 def run_config(args: argparse.Namespace) -> dict:
     """The run's settings as stored in metrics.json and the checkpoint."""
     config = {key: value for key, value in vars(args).items()
@@ -205,11 +219,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- data
     transform = BinPixels(args.bins)  # picklable; input noise is added by the encoder
-    train_transform = transform
-    if args.shift:  # random translation, zero padded; drawn in the DataLoader workers
-        from torchvision import transforms
-        train_transform = transforms.Compose(
-            [transforms.RandomCrop(28, padding=args.shift), transform])
+    train_transform = training_transform(args.bins, args.shift)
     download = False if args.offline else "auto"
     try:
         train_set = load_dataset(args.dataset, args.data_root, train=True,

@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from spike_bridge import data
 
@@ -121,3 +123,29 @@ def test_resume_refuses_a_different_network(runs, tmp_path):
                      "--epochs", "3", "--resume", "--hidden", "8"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         script.main([*TINY_RUN, "--out", str(tmp_path / "missing"), "--resume"])
+
+
+def test_shift_augmentation_translates_within_the_bound():
+    spec = importlib.util.spec_from_file_location("mnist_example_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from PIL import Image
+
+    pixels = np.zeros((28, 28), dtype=np.uint8)
+    pixels[10:13, 14] = 255  # a bright bar: bin 0; background: no spike (bin index n_bins)
+    image = Image.fromarray(pixels)
+    plain = script.training_transform(4, shift=0)(image)
+    assert plain.shape == (784,) and plain.dtype == torch.int64
+    assert torch.equal(plain, data.BinPixels(4)(image))
+
+    torch.manual_seed(0)
+    augment = script.training_transform(4, shift=2)
+    offsets = set()
+    for _ in range(200):
+        bins = augment(image).reshape(28, 28)
+        rows, cols = torch.nonzero(bins == 0, as_tuple=True)
+        assert len(rows) == 3 and torch.all(cols == cols[0])  # moved, not distorted
+        offsets.add((int(rows[0]) - 10, int(cols[0]) - 14))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    with pytest.raises(SystemExit):
+        script.parse_args(["--shift", "-1"])

@@ -104,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--optimizer", choices=["adabelief", "adam"], default="adabelief",
                        help="optimizer (betas 0.9, 0.999)")
     train.add_argument("--lr", type=float, default=REFERENCE["lr"], help="initial learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.0,
+                       help="decoupled weight decay (AdamW style: each step multiplies the "
+                            "weights by 1 - lr * this); adam only")
     train.add_argument("--lr-decay-epochs", type=float, default=REFERENCE["lr_decay_epochs"],
                        help="lr * exp(-step / (this * steps per epoch)); 0 or inf: constant lr")
     train.add_argument("--gamma", type=float, default=REFERENCE["gamma"],
@@ -139,6 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--hidden sizes must be positive")
     if not 0 <= args.flip <= 1:
         parser.error("--flip must be a probability in [0, 1]")
+    if args.weight_decay < 0:
+        parser.error("--weight-decay must be >= 0")
+    if args.weight_decay and args.optimizer != "adam":
+        parser.error("--weight-decay needs --optimizer adam (AdamW)")
     if args.lr_decay_epochs < 0:
         parser.error("--lr-decay-epochs must be >= 0 (0: constant learning rate)")
     if args.resume and args.out is None and args.name is None:
@@ -261,7 +268,13 @@ def main(argv=None) -> int:
     if args.optimizer == "adabelief":
         optimizer = AdaBelief(net.parameters(), lr=args.lr, betas=REFERENCE["betas"])
     else:
-        optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=REFERENCE["betas"])
+        # Decay only weight matrices, not initial phases (whose range the layers clamp).
+        weights = [p for p in net.parameters() if p.dim() >= 2]
+        others = [p for p in net.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": weights, "weight_decay": args.weight_decay},
+             {"params": others, "weight_decay": 0.0}],
+            lr=args.lr, betas=REFERENCE["betas"])
     decay_steps = (int(args.lr_decay_epochs * steps_per_epoch)
                    if 0 < args.lr_decay_epochs < math.inf else math.inf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -269,7 +282,8 @@ def main(argv=None) -> int:
     sizes = "-".join(str(n) for n in [784, *args.hidden, 10])
     print(f"Network: {sizes} {args.model} neurons, T={args.T}, {args.bins} input bin(s), "
           f"{sum(p.numel() for p in net.parameters()):,} parameters; {args.optimizer} "
-          f"lr={args.lr} decaying over {args.lr_decay_epochs:g} epochs, gamma={args.gamma}, "
+          f"lr={args.lr} decaying over {args.lr_decay_epochs:g} epochs, weight decay "
+          f"{args.weight_decay:g}, gamma={args.gamma}, "
           f"flip={args.flip}, shift={args.shift} px, {args.dtype} on {device}")
 
     history: list[dict] = []

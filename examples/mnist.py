@@ -170,6 +170,27 @@ def training_transform(n_bins: int, shift: int = 0):
     return transforms.Compose([transforms.RandomCrop(28, padding=shift), BinPixels(n_bins)])
 
 
+def build_optimizer(net, name: str, lr: float, weight_decay: float = 0.0):
+    """AdaBelief (the reference's) or Adam, betas 0.9, 0.999.
+
+    Adam is ``torch.optim.AdamW``: ``weight_decay`` shrinks the weight matrices only, not the
+    initial phases (1-D parameters, whose range the layers clamp).
+    """
+    import torch
+    from spike_bridge.optim import AdaBelief
+
+    if name == "adabelief":
+        if weight_decay:
+            raise ValueError("weight_decay needs the adam optimizer")
+        return AdaBelief(net.parameters(), lr=lr, betas=REFERENCE["betas"])
+    weights = [p for p in net.parameters() if p.dim() >= 2]
+    others = [p for p in net.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": weights, "weight_decay": weight_decay},
+         {"params": others, "weight_decay": 0.0}],
+        lr=lr, betas=REFERENCE["betas"])
+
+
 def run_config(args: argparse.Namespace) -> dict:
     """The run's settings as stored in metrics.json and the checkpoint."""
     config = {key: value for key, value in vars(args).items()
@@ -222,7 +243,6 @@ def main(argv=None) -> int:
     # script without running main).
     import common
     from spike_bridge.functional import first_spike_cross_entropy
-    from spike_bridge.optim import AdaBelief
 
     # ---------------------------------------------------------------- data
     transform = BinPixels(args.bins)  # picklable; input noise is added by the encoder
@@ -265,16 +285,7 @@ def main(argv=None) -> int:
         args.hidden, args.model, n_bins=args.bins, T=args.T, flip_probability=args.flip,
         w_scale=args.w_scale, max_spikes=args.max_spikes, device=device, dtype=dtype,
     )
-    if args.optimizer == "adabelief":
-        optimizer = AdaBelief(net.parameters(), lr=args.lr, betas=REFERENCE["betas"])
-    else:
-        # Decay only weight matrices, not initial phases (whose range the layers clamp).
-        weights = [p for p in net.parameters() if p.dim() >= 2]
-        others = [p for p in net.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": weights, "weight_decay": args.weight_decay},
-             {"params": others, "weight_decay": 0.0}],
-            lr=args.lr, betas=REFERENCE["betas"])
+    optimizer = build_optimizer(net, args.optimizer, args.lr, args.weight_decay)
     decay_steps = (int(args.lr_decay_epochs * steps_per_epoch)
                    if 0 < args.lr_decay_epochs < math.inf else math.inf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

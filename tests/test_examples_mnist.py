@@ -149,3 +149,21 @@ def test_shift_augmentation_translates_within_the_bound():
     assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
     with pytest.raises(SystemExit):
         script.parse_args(["--shift", "-1"])
+
+
+def test_weight_decay_shrinks_weight_matrices_only():
+    spec = importlib.util.spec_from_file_location("mnist_example_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    net = torch.nn.Linear(3, 2)
+    weight, bias = net.weight.detach().clone(), net.bias.detach().clone()
+    optimizer = script.build_optimizer(net, "adam", lr=0.1, weight_decay=0.5)
+    for parameter in net.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # zero gradients: only the decay moves anything
+    torch.testing.assert_close(net.weight.detach(), weight * (1 - 0.1 * 0.5))
+    torch.testing.assert_close(net.bias.detach(), bias)
+    with pytest.raises(ValueError, match="adam"):
+        script.build_optimizer(net, "adabelief", lr=0.1, weight_decay=0.5)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--weight-decay", "0.1"])  # the default optimizer is AdaBelief

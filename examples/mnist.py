@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="lr * exp(-step / (this * steps per epoch)); 0 or inf: constant lr")
     train.add_argument("--gamma", type=float, default=REFERENCE["gamma"],
                        help="weight of the loss's early-spike regulariser")
+    train.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="label smoothing of the training loss's cross-entropy (0: none)")
     train.add_argument("--flip", type=float, default=REFERENCE["flip"],
                        help="probability of flipping each input bin in each training step")
     train.add_argument("--seed", type=int, default=0,
@@ -142,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--hidden sizes must be positive")
     if not 0 <= args.flip <= 1:
         parser.error("--flip must be a probability in [0, 1]")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error("--label-smoothing must be in [0, 1)")
     if args.weight_decay < 0:
         parser.error("--weight-decay must be >= 0")
     if args.weight_decay and args.optimizer != "adam":
@@ -294,8 +298,9 @@ def main(argv=None) -> int:
     print(f"Network: {sizes} {args.model} neurons, T={args.T}, {args.bins} input bin(s), "
           f"{sum(p.numel() for p in net.parameters()):,} parameters; {args.optimizer} "
           f"lr={args.lr} decaying over {args.lr_decay_epochs:g} epochs, weight decay "
-          f"{args.weight_decay:g}, gamma={args.gamma}, "
-          f"flip={args.flip}, shift={args.shift} px, {args.dtype} on {device}")
+          f"{args.weight_decay:g}, gamma={args.gamma}, label smoothing "
+          f"{args.label_smoothing:g}, flip={args.flip}, shift={args.shift} px, {args.dtype} "
+          f"on {device}")
 
     history: list[dict] = []
     start_epoch = 0
@@ -343,7 +348,8 @@ def main(argv=None) -> int:
             step_start = time.perf_counter()
             inputs, labels = inputs.to(device), labels.to(device)
             first_times, _ = common.record_layers(net, inputs)
-            loss = first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
+            loss = first_spike_cross_entropy(first_times, labels, args.T, args.gamma,
+                                             label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

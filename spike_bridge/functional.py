@@ -88,7 +88,11 @@ def latency_encode(features: torch.Tensor, T: float, scale: float = 1.0) -> Spik
 
 
 def first_spike_cross_entropy(
-    first_times: torch.Tensor, labels: torch.Tensor, T: float, gamma: float = 1e-2
+    first_times: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    gamma: float = 1e-2,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     r"""The reference's first-spike loss, averaged over the batch.
 
@@ -97,14 +101,21 @@ def first_spike_cross_entropy(
 
     Args:
         first_times: ``[B, C]`` first (pseudo)spike times; labels: ``[B]`` class indices.
+        T: trial duration (the regulariser's time scale).
+        gamma: weight of the early-spike regulariser.
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``: the target puts this much
+            probability uniformly on all classes (0: the reference's plain cross-entropy).
     """
     if first_times.dim() != 2 or labels.shape != first_times.shape[:1]:
         raise ValueError(
             f"first_times must be [B, C] and labels [B], got {list(first_times.shape)} and "
             f"{list(labels.shape)}"
         )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     true_time = first_times.gather(1, labels[:, None])[:, 0]
-    return F.cross_entropy(-first_times, labels) + gamma * torch.mean(torch.exp(true_time / T) - 1)
+    cross_entropy = F.cross_entropy(-first_times, labels, label_smoothing=label_smoothing)
+    return cross_entropy + gamma * torch.mean(torch.exp(true_time / T) - 1)
 
 
 def spike_time_mse(

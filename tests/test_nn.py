@@ -660,3 +660,20 @@ def test_recurrent_network_outputs_and_learns_a_spike_time():
     assert losses[-1] < 0.2 * losses[0]
     with torch.no_grad():
         assert (rec(inputs).counts[:, 0] == 2).all()  # the pseudospike became a spike
+
+
+def test_first_spike_cross_entropy_matches_its_formula_with_label_smoothing():
+    rng = np.random.default_rng(3)
+    times = rng.uniform(0.0, 3.0, size=(5, 4))
+    labels = np.array([0, 3, 1, 1, 2])
+    T, gamma, smoothing = 2.0, 0.05, 0.2
+    log_p = -times - np.log(np.exp(-times).sum(1, keepdims=True))
+    target = np.full_like(times, smoothing / 4)
+    target[np.arange(5), labels] += 1 - smoothing
+    true_times = times[np.arange(5), labels]
+    expected = np.mean(-(target * log_p).sum(1) + gamma * (np.exp(true_times / T) - 1))
+    loss = F.first_spike_cross_entropy(torch.tensor(times), torch.tensor(labels), T, gamma,
+                                       label_smoothing=smoothing)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        F.first_spike_cross_entropy(torch.tensor(times), torch.tensor(labels), T, gamma, 1.5)

@@ -52,7 +52,7 @@ REFERENCE = {
 #: Settings that must match the checkpoint's when resuming (they define the network or data).
 RESUME_MUST_MATCH = (
     "dataset", "hidden", "model", "bins", "T", "w_scale", "dtype", "batch_size",
-    "max_train_samples", "optimizer", "shift",
+    "max_train_samples", "optimizer", "shift", "ema",
 )
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="weight of the loss's early-spike regulariser")
     train.add_argument("--label-smoothing", type=float, default=0.0,
                        help="label smoothing of the training loss's cross-entropy (0: none)")
+    train.add_argument("--ema", type=float, default=0.0,
+                       help="also evaluate an exponential moving average of the weights with "
+                            "this decay per step, e.g. 0.999 (0: none)")
     train.add_argument("--flip", type=float, default=REFERENCE["flip"],
                        help="probability of flipping each input bin in each training step")
     train.add_argument("--seed", type=int, default=0,
@@ -146,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--flip must be a probability in [0, 1]")
     if not 0 <= args.label_smoothing < 1:
         parser.error("--label-smoothing must be in [0, 1)")
+    if not 0 <= args.ema < 1:
+        parser.error("--ema must be in [0, 1) (0: no weight averaging)")
     if args.weight_decay < 0:
         parser.error("--weight-decay must be >= 0")
     if args.weight_decay and args.optimizer != "adam":
@@ -302,11 +307,22 @@ def main(argv=None) -> int:
           f"{args.label_smoothing:g}, flip={args.flip}, shift={args.shift} px, {args.dtype} "
           f"on {device}")
 
+    averaged = None
+    if args.ema:
+        # Averages parameters only; the averaged copy keeps its own spike-buffer sizes.
+        averaged = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema))
+
     history: list[dict] = []
     start_epoch = 0
     if args.resume:
         checkpoint = common.load_checkpoint(checkpoint_path, model=net, optimizer=optimizer,
                                             scheduler=scheduler)
+        if averaged is not None:
+            if "ema" not in checkpoint["extra"]:
+                raise SystemExit("cannot resume with --ema: the checkpoint has no averaged "
+                                 "weights (the run was started without --ema)")
+            averaged.load_state_dict(checkpoint["extra"]["ema"])
         history = list(checkpoint["history"])
         start_epoch = int(checkpoint["epoch"])
         print(f"Resumed from {checkpoint_path} after epoch {start_epoch}")
@@ -354,6 +370,8 @@ def main(argv=None) -> int:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(net)
             batch = labels.shape[0]
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -370,6 +388,11 @@ def main(argv=None) -> int:
         evaluation = common.evaluate(net, test_loader, args.T, gamma=args.gamma,
                                      record_example=0)
         example = evaluation.pop("example")
+        if averaged is not None:
+            averaged_evaluation = common.evaluate(averaged.module, test_loader, args.T,
+                                                  gamma=args.gamma)
+            evaluation.update({f"{key}_ema": averaged_evaluation[key]
+                               for key in ("loss", "accuracy", "accuracy_ordinary")})
         epoch_time = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch,
@@ -394,8 +417,14 @@ def main(argv=None) -> int:
             f"epoch {epoch_time:.0f} s",
             flush=True,
         )
-        common.save_checkpoint(checkpoint_path, model=net, optimizer=optimizer,
-                               scheduler=scheduler, epoch=epoch, history=history, config=config)
+        if averaged is not None:
+            print(f"epoch {epoch}/{args.epochs}: averaged weights (EMA {args.ema:g}): test "
+                  f"acc {record['test_accuracy_ema']:.2%} with pseudospikes, "
+                  f"{record['test_accuracy_ordinary_ema']:.2%} ordinary spikes only", flush=True)
+        common.save_checkpoint(
+            checkpoint_path, model=net, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+            history=history, config=config,
+            extra={"ema": averaged.state_dict()} if averaged is not None else None)
         write_outputs(example)
 
     if start_epoch >= args.epochs:

@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     """(first run, resumed run, output folder)."""
     tmp = tmp_path_factory.mktemp("mnist_example")
     out = tmp / "out"
-    common = [*TINY_RUN, "--data-root", str(tmp / "data"), "--out", str(out)]
+    common = [*TINY_RUN, "--data-root", str(tmp / "data"), "--out", str(out), "--ema", "0.9"]
     first = run_script([*common, "--epochs", "1", "--workers", "0"], tmp)
     first_metrics = json.loads((out / "metrics.json").read_text())
     resumed = run_script([*common, "--epochs", "2", "--workers", "2", "--resume"], tmp)
@@ -77,6 +77,8 @@ def test_first_run_outputs(runs):
                 "test_silent_fraction"):
         assert 0.0 <= record[key] <= 1.0, key
     assert record["test_activity"] >= 0 and len(record["test_activity_per_layer"]) == 1
+    assert 0.0 <= record["test_accuracy_ema"] <= 1.0 and math.isfinite(record["test_loss_ema"])
+    assert "averaged weights (EMA 0.9)" in first.stdout
     assert record["epoch_time_s"] > 0 and record["step_time_s"] > 0
     assert metrics["data"]["train_samples"] == 64 and metrics["data"]["test_samples"] == 64
     assert metrics["config"]["hidden"] == [16] and metrics["config"]["optimizer"] == "adabelief"
@@ -106,6 +108,7 @@ def test_resume_with_workers_continues_at_epoch_two(runs):
     assert history[0] == first_metrics["history"][0]  # epoch 1 kept as it was
     assert math.isfinite(history[1]["train_loss"]) and math.isfinite(history[1]["test_loss"])
     assert history[1]["lr"] < history[0]["lr"]  # the schedule continued
+    assert 0.0 <= history[1]["test_accuracy_ema"] <= 1.0  # the averaged weights were restored
     assert metrics["config"]["workers"] == 2
     for name in PNGS:
         assert (out / name).stat().st_size > 1000, name

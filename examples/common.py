@@ -191,6 +191,18 @@ def _grow_spike_buffer(layer: nn.Module, error: BufferOverflowError) -> bool:
     return True
 
 
+def run_growing_buffer(module: nn.Module, value: Any, *, grow: bool = True) -> Any:
+    """``module(value)``; if a spiking layer overflows its spike buffer
+    (:class:`~spike_bridge.nn.BufferOverflowError`) and ``grow``, double its ``max_spikes`` (up
+    to :data:`MAX_SPIKE_BUFFER`; kept for later calls) and run it again."""
+    while True:
+        try:
+            return module(value)
+        except BufferOverflowError as error:
+            if not (grow and _grow_spike_buffer(module, error)):
+                raise
+
+
 def record_layers(
     sequential: nn.Sequential,
     x: Any,
@@ -218,13 +230,7 @@ def record_layers(
     recorded: list[Spikes] = []
     value = x
     for module in sequential:
-        while True:
-            try:
-                output = module(value)
-                break
-            except BufferOverflowError as error:
-                if not (grow_buffers and _grow_spike_buffer(module, error)):
-                    raise
+        output = run_growing_buffer(module, value, grow=grow_buffers)
         if isinstance(output, Spikes) and (include_encoder or _is_spiking_layer(module)):
             recorded.append(output)
         value = output

@@ -74,7 +74,8 @@ class HybridConvNet(nn.Module):
         threshold: features are standardised per channel (BatchNorm without affine parameters)
             and shifted down by ``threshold``; only features above it spike (0: roughly half of
             them; 0.5: about 27% in the trained default network).
-        max_spikes: spike buffer per theta neuron (doubled when a neuron spikes more often).
+        max_spikes: initial spike buffer per theta neuron (doubled when a neuron spikes more
+            often, by ``common.run_growing_buffer``).
     """
 
     def __init__(self, channels=(32, 64), pool_to: int = 4, hidden: int = 100, n_classes: int = 10,
@@ -102,23 +103,13 @@ class HybridConvNet(nn.Module):
         """The spike trains of every spiking stage: encoder, hidden and output layer."""
         features = self.norm(self.conv(images)) - self.threshold
         encoded = self.encoder(features)
-        hidden = _grow_on_overflow(self.hidden, encoded)
-        return encoded, hidden, _grow_on_overflow(self.output, hidden)
+        from common import run_growing_buffer  # JAX: main process only, see the imports
+
+        hidden = run_growing_buffer(self.hidden, encoded)
+        return encoded, hidden, run_growing_buffer(self.output, hidden)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.readout(self.layers(images)[-1])
-
-
-def _grow_on_overflow(layer: nn.Module, spikes):
-    """Run a spiking layer; if a neuron overflows its spike buffer, double it and run again."""
-    from spike_bridge.nn import BufferOverflowError
-
-    while True:
-        try:
-            return layer(spikes)
-        except BufferOverflowError:
-            layer.max_spikes *= 2
-            print(f"{layer._name()}: spike buffer grown to max_spikes={layer.max_spikes}")
 
 
 def ordinary_correct(output_spikes, labels: torch.Tensor) -> torch.Tensor:

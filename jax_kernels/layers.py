@@ -6,20 +6,21 @@ These are the functions the PyTorch side jit-compiles and calls. Leading ``B`` a
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
+from jax import Array, lax
 
 from jax_kernels.models.base import NeuronModel, PseudoNeuronModel
 from jax_kernels.simulate import (
-    Events,
-    events_from_bins,
-    events_from_spike_trains,
-    feedforward_layer,
+    BatchEvents,
+    batched_feedforward_layer,
+    binned_input_events,
     filled_spike_times,
+    fused_input_events,
     recurrent_network,
 )
 
@@ -34,7 +35,9 @@ class LayerOutput(NamedTuple):
         filled_times: ``[B, N, K]`` spike times with missing spikes filled by pseudospikes
             (equal to ``spike_times`` for models without pseudodynamics or with pseudospikes off).
         pseudo_rate: ``[B, N]`` pseudo rates passed on to the next layer (zeros without pseudo).
-        n_dropped: ``[B]`` int32 input spikes in the trial that did not fit the event buffer.
+        n_dropped: ``[B]`` int32 input spikes in the trial that did not fit the event buffers.
+        n_input_events: ``[B]`` int32 distinct input spike times in the trial (fused events).
+        n_input_spikes: ``[B]`` int32 input spikes in the trial.
     """
 
     spike_times: Array
@@ -43,6 +46,8 @@ class LayerOutput(NamedTuple):
     filled_times: Array
     pseudo_rate: Array
     n_dropped: Array
+    n_input_events: Array
+    n_input_spikes: Array
 
 
 def cotangent_like(output: NamedTuple, **cotangents: Array) -> NamedTuple:
@@ -59,9 +64,43 @@ def cotangent_like(output: NamedTuple, **cotangents: Array) -> NamedTuple:
     return jax.tree.map(zero, output)._replace(**cotangents)
 
 
+#: The one-hot matmul fusion costs ``E * N_in * K_in`` multiply-adds per sample and neuron,
+#: gathering ``P`` columns about ``P`` scattered adds; dense multiply-adds are this much cheaper.
+MATMUL_FUSION_RATIO = 4
+
+
+def event_buffer_sizes(
+    n_input_events: int, n_input_spikes: int, n_input_slots: int, bucket: int = 16
+) -> tuple[int, Optional[int]]:
+    """``(max_events, max_input_spikes)`` for :func:`spiking_layer` that hold a batch's events.
+
+    Sizes are rounded up (powers of two up to ``bucket``, then multiples of it) so that
+    recompiles stay rare. ``max_input_spikes`` is ``None`` (fusion by one-hot matmul) where that
+    costs at most about as much as gathering the spikes' weight columns: a few distinct times
+    shared by many spikes, e.g. a binary image given as times.
+
+    Args:
+        n_input_events: most distinct input spike times in the trial of any sample.
+        n_input_spikes: most input spikes in the trial of any sample.
+        n_input_slots: ``N_in * K_in``.
+    """
+
+    def rounded(n: int) -> int:
+        n = max(int(n), 1)
+        if n <= bucket:
+            return 1 << (n - 1).bit_length()
+        return bucket * -(-n // bucket)
+
+    max_events = rounded(n_input_events)
+    max_input_spikes = min(rounded(n_input_spikes), n_input_slots)
+    if max_events * n_input_slots <= MATMUL_FUSION_RATIO * max_input_spikes:
+        return max_events, None
+    return max_events, max_input_spikes
+
+
 def _layer_from_events(
     model: NeuronModel,
-    events: Events,
+    events: BatchEvents,
     weights: Array,
     initial_state: Array,
     input_rate: Optional[Array],
@@ -69,21 +108,25 @@ def _layer_from_events(
     max_spikes: int,
     pseudo: bool,
 ) -> LayerOutput:
-    """Simulate one sample and add its pseudospike outputs."""
-    result = feedforward_layer(model, events, initial_state, T, max_spikes)
+    """Simulate a batch of fused input events and add the pseudospike outputs."""
+    result = batched_feedforward_layer(model, events, initial_state, T, max_spikes)
+    batch, n_neurons = events.times.shape[0], weights.shape[0]
     if pseudo and isinstance(model, PseudoNeuronModel):
         drive = (
-            jnp.zeros(weights.shape[0], weights.dtype) if input_rate is None else weights @ input_rate
+            jnp.zeros((batch, n_neurons), weights.dtype)
+            if input_rate is None
+            else jnp.einsum("ni,bi->bn", weights, input_rate, precision=lax.Precision.HIGHEST)
         )
-        filled = filled_spike_times(
-            model, result.spike_times, result.spike_count, result.final_state, drive, T
+        filled = jax.vmap(partial(filled_spike_times, model, T=T))(
+            result.spike_times, result.spike_count, result.final_state, drive
         )
-        rate = model.pseudo_rate(result.final_state, drive)
+        rate = jax.vmap(model.pseudo_rate)(result.final_state, drive)
     else:
         filled = result.spike_times
-        rate = jnp.zeros(weights.shape[0], weights.dtype)
+        rate = jnp.zeros((batch, n_neurons), weights.dtype)
     return LayerOutput(
-        result.spike_times, result.spike_count, result.final_state, filled, rate, events.n_dropped
+        result.spike_times, result.spike_count, result.final_state, filled, rate,
+        events.n_dropped, events.n_events, events.n_spikes,
     )
 
 
@@ -98,8 +141,13 @@ def spiking_layer(
     max_events: int,
     max_spikes: int,
     pseudo: bool = True,
+    max_input_spikes: Optional[int] = None,
 ) -> LayerOutput:
     """A feedforward spiking layer on a batch of input spike trains.
+
+    Input spikes sharing a time are fused into one event (see
+    :func:`jax_kernels.simulate.fused_input_events`); the layer's cost follows the distinct
+    input times, not the input slots. :func:`event_buffer_sizes` gives buffers that fit a batch.
 
     Args:
         weights: ``[N, N_in]``.
@@ -107,19 +155,14 @@ def spiking_layer(
         input_times: ``[B, N_in, K_in]`` input spike times (``>= 0``, ``+inf`` padded).
         input_rate: ``[B, N_in]`` pseudo rates of the inputs, or ``None`` (all zero, e.g. for
             encoded data).
-        model, T, max_events, max_spikes, pseudo: static configuration; ``max_events`` is the
-            input event buffer ``E``, ``max_spikes`` the output buffer ``K`` per neuron.
+        model, T, max_events, max_spikes, pseudo, max_input_spikes: static configuration;
+            ``max_events`` is the buffer ``E`` of distinct input times, ``max_input_spikes`` the
+            buffer of input spikes gathered when fusing by segments (``None``: see
+            :func:`fused_input_events`), ``max_spikes`` the output buffer ``K`` per neuron.
     """
-
-    def one_sample(times, rate):
-        events = events_from_spike_trains(times, weights, max_events, T)
-        return _layer_from_events(
-            model, events, weights, initial_state, rate, T, max_spikes, pseudo
-        )
-
-    if input_rate is None:
-        return jax.vmap(lambda times: one_sample(times, None))(input_times)
-    return jax.vmap(one_sample)(input_times, input_rate)
+    events = fused_input_events(input_times, weights, T, max_events, max_input_spikes)
+    return _layer_from_events(model, events, weights, initial_state, input_rate, T, max_spikes,
+                              pseudo)
 
 
 def binned_spiking_layer(
@@ -143,15 +186,8 @@ def binned_spiking_layer(
         weights: ``[N, N_in]``; initial_state: ``[D, N]``; bin_index: ``[B, N_in]`` integers.
         bin_times: ascending spike time of each bin (static tuple).
     """
-    times = jnp.asarray(bin_times, weights.dtype)
-
-    def one_sample(index):
-        events = events_from_bins(index, times, weights)
-        return _layer_from_events(
-            model, events, weights, initial_state, None, T, max_spikes, pseudo
-        )
-
-    return jax.vmap(one_sample)(bin_index)
+    events = binned_input_events(bin_index, jnp.asarray(bin_times, weights.dtype), weights)
+    return _layer_from_events(model, events, weights, initial_state, None, T, max_spikes, pseudo)
 
 
 class NetworkOutput(NamedTuple):

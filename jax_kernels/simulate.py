@@ -17,7 +17,9 @@ part of the trial.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
+
+import jax
 
 import jax.numpy as jnp
 from jax import Array, lax
@@ -100,22 +102,6 @@ def events_from_spike_trains(
     return Events(times, weights[:, source[order]].T, n_dropped)
 
 
-def events_from_bins(bin_index: Array, bin_times: Array, weights: Array) -> Events:
-    """Fuse inputs that spike at a few shared times (binned encodings) into one event per bin.
-
-    All inputs in bin ``b`` spike at ``bin_times[b]``; their weight columns are summed with one
-    matmul, so a layer sees ``n_bins`` events instead of one per input.
-
-    Args:
-        bin_index: ``[N_in]`` integer bin of each input; values ``>= n_bins`` never spike.
-        bin_times: ``[n_bins]`` ascending spike time of each bin.
-        weights: ``[N, N_in]`` layer weights.
-    """
-    n_bins = bin_times.shape[0]
-    membership = (bin_index[:, None] == jnp.arange(n_bins)).astype(weights.dtype)
-    return Events(bin_times, (weights @ membership).T, jnp.zeros((), jnp.int32))
-
-
 def feedforward_layer(
     model: NeuronModel,
     events: Events,
@@ -123,12 +109,12 @@ def feedforward_layer(
     T: float,
     max_spikes: int,
 ) -> LayerResult:
-    """Simulate a layer of independent neurons driven by input events.
+    """Simulate one sample of a layer of independent neurons driven by input events.
 
-    Neurons of a layer do not influence each other, so one scan step per input event suffices: the
-    step moves all neurons to the event time (recording their own spikes on the way with
-    ``model.emit_spikes``) and applies the event. Cost grows with the number of input events, not
-    with the spikes of the layer.
+    The generic event scan (no model-specific fast path), also the reference the batched fast
+    paths are tested against. Neurons of a layer do not influence each other, so one scan step per
+    input event suffices: the step moves all neurons to the event time (recording their own spikes
+    on the way with ``model.emit_spikes``) and applies the event.
 
     Args:
         model: neuron model (static).
@@ -142,9 +128,13 @@ def feedforward_layer(
     # A final zero-weight event at T flushes the spikes between the last input and the trial end.
     times = jnp.concatenate([events.times.astype(dtype), jnp.full((1,), T, dtype)])
     weights = jnp.concatenate([events.weights.astype(dtype), jnp.zeros((1, n_neurons), dtype)])
-    closed_form = model.layer_simulator(T)
-    if closed_form is not None:
-        return LayerResult(*closed_form(times, weights, initial_state, max_spikes))
+    return _scan_layer(model, times, weights, initial_state, T, max_spikes)
+
+
+def _scan_layer(model, times, weights, initial_state, T, max_spikes) -> LayerResult:
+    """The event scan of :func:`feedforward_layer`; the last event (at ``T``) flushes."""
+    dtype = initial_state.dtype
+    n_neurons = initial_state.shape[-1]
     n_slots = model.spikes_per_interval(T, max_spikes)
 
     # The spikes of each interval leave the scan as outputs rather than being written into a
@@ -163,6 +153,169 @@ def feedforward_layer(
     )
     spike_times = earliest(jnp.moveaxis(times, 1, 0).reshape(n_neurons, -1), max_spikes)
     return LayerResult(spike_times, jnp.sum(counts, axis=0, dtype=jnp.int32), final_state)
+
+
+class BatchEvents(NamedTuple):
+    """Input events of a batch for a layer of ``N`` neurons, coincident input spikes fused.
+
+    Attributes:
+        times: ``[B, E]`` distinct event times, ascending, ``+inf`` padded.
+        kicks: ``[E, B, N]`` (time-major) the summed weight each neuron receives at each time.
+        n_events: ``[B]`` int32 distinct input spike times inside the trial (what ``E`` must hold).
+        n_spikes: ``[B]`` int32 input spikes inside the trial.
+        n_dropped: ``[B]`` int32 input spikes inside the trial that did not fit the buffers.
+    """
+
+    times: Array
+    kicks: Array
+    n_events: Array
+    n_spikes: Array
+    n_dropped: Array
+
+
+def fused_input_events(
+    input_times: Array,
+    weights: Array,
+    T: float,
+    max_events: int,
+    max_input_spikes: Optional[int] = None,
+) -> BatchEvents:
+    """Turn a batch of input spike trains into events, one per distinct spike time.
+
+    Input spikes sharing a time (binary or binned images given as times, quantised timestamps)
+    become one event whose kick is the sum of their weight columns, so the scan takes one step
+    per distinct time. Values are exact. The time of a fused event is the mean of its members'
+    (equal) times, so its time gradient is shared equally among them: at exact coincidence the
+    loss has a kink in each member's time, and the shares sum to the derivative for moving the
+    coincident spikes together.
+
+    Two static strategies:
+
+    - ``max_input_spikes=None``: a one-hot matmul over all ``S = N_in * K_in`` input slots,
+      ``O(E S N)`` per sample; cheap for a few distinct times with many spikes each (a binary
+      image given as times).
+    - ``max_input_spikes=P``: the earliest ``P`` input spikes (``top_k``) have their weight
+      columns gathered and summed per distinct time, ``O(P N)`` per sample.
+
+    Args:
+        input_times: ``[B, N_in, K_in]`` spike times (any order, ``+inf`` padded, ``>= 0``).
+        weights: ``[N, N_in]``.
+        T: trial duration; spikes at or after ``T`` are not events.
+        max_events: ``E`` distinct times per sample (static).
+        max_input_spikes: ``P`` (static), or ``None`` (see above).
+
+    Returns:
+        :class:`BatchEvents`; ``n_events`` is exact when no spike was dropped, else a lower
+        bound that exceeds the buffer it overflowed.
+    """
+    batch, n_in, k_in = input_times.shape
+    n_slots = n_in * k_in
+    flat = input_times.reshape(batch, n_slots)
+    source = jnp.repeat(jnp.arange(n_in), k_in)  # input neuron of each slot
+    key = lax.stop_gradient(flat)
+    key = jnp.where(key < T, key, jnp.inf)
+    n_spikes = jnp.sum(key < T, axis=1, dtype=jnp.int32)
+    dtype = weights.dtype
+    if max_input_spikes is None:
+        # The distinct times, earliest first: E rounds of "smallest time after the previous".
+        distinct = []
+        previous = jnp.full((batch, 1), -jnp.inf, key.dtype)
+        for _ in range(max_events):
+            previous = jnp.min(jnp.where(key > previous, key, jnp.inf), axis=1, keepdims=True)
+            distinct.append(previous)
+        distinct = jnp.concatenate(distinct, axis=1)  # [B, E], +inf padded
+        more = jnp.any(key > previous, axis=1)  # a distinct time beyond the buffer
+        membership = (key[:, None, :] == distinct[:, :, None]) & (distinct[:, :, None] < T)
+        kicks = jnp.einsum(
+            "bes,ns->ebn", membership.astype(dtype), weights[:, source],
+            precision=lax.Precision.HIGHEST,
+        )
+        members = jnp.sum(membership, axis=2, dtype=jnp.int32)  # [B, E]
+        time_sum = jnp.sum(jnp.where(membership, flat[:, None, :], 0.0), axis=2)
+        n_events = jnp.sum(members > 0, axis=1, dtype=jnp.int32) + more
+    else:
+        n_kept = min(max_input_spikes, n_slots)
+        _, order = lax.top_k(-key, n_kept)  # earliest first
+        sorted_key = jnp.take_along_axis(key, order, axis=1)
+        kept = sorted_key < T
+        is_new = jnp.concatenate(
+            [jnp.ones((batch, 1), bool), sorted_key[:, 1:] != sorted_key[:, :-1]], axis=1
+        ) & kept
+        group = jnp.cumsum(is_new, axis=1, dtype=jnp.int32) - 1  # distinct-time index
+        group = jnp.where(kept, group, max_events)  # E: not an event (dropped by the scatter)
+        member_times = jnp.where(kept, jnp.take_along_axis(flat, order, axis=1), 0.0)
+        columns = weights.T[source[order.T]]  # [P, B, N] weight column of each kept spike
+        sample = jnp.broadcast_to(jnp.arange(batch), (n_kept, batch))
+        kicks = jnp.zeros((max_events, batch, weights.shape[0]), dtype).at[group.T, sample].add(
+            columns, mode="drop"
+        )
+        members = jnp.zeros((batch, max_events), jnp.int32).at[sample.T, group].add(
+            1, mode="drop"
+        )
+        time_sum = jnp.zeros((batch, max_events), dtype).at[sample.T, group].add(
+            member_times, mode="drop"
+        )
+        n_events = jnp.sum(is_new, axis=1, dtype=jnp.int32) + (n_spikes > n_kept)
+    times = jnp.where(members > 0, time_sum / jnp.maximum(members, 1), jnp.inf)
+    n_dropped = n_spikes - jnp.sum(members, axis=1, dtype=jnp.int32)
+    return BatchEvents(times, kicks, n_events, n_spikes, n_dropped)
+
+
+def binned_input_events(bin_index: Array, bin_times: Array, weights: Array) -> BatchEvents:
+    """Inputs that spike at a few shared times (binned encodings): one event per bin.
+
+    All inputs in bin ``b`` spike at ``bin_times[b]``; their weight columns are summed with one
+    matmul, as the reference's virtual input neurons do.
+
+    Args:
+        bin_index: ``[B, N_in]`` integer bin of each input; values ``>= n_bins`` never spike.
+        bin_times: ``[n_bins]`` ascending spike time of each bin.
+        weights: ``[N, N_in]`` layer weights.
+    """
+    batch = bin_index.shape[0]
+    n_bins = bin_times.shape[0]
+    membership = bin_index[:, None, :] == jnp.arange(n_bins)[None, :, None]  # [B, bins, N_in]
+    kicks = jnp.einsum(
+        "bes,ns->ebn", membership.astype(weights.dtype), weights, precision=lax.Precision.HIGHEST
+    )
+    members = jnp.sum(membership, axis=2, dtype=jnp.int32)
+    n_spikes = jnp.sum(members, axis=1, dtype=jnp.int32)
+    times = jnp.broadcast_to(bin_times.astype(weights.dtype), (batch, n_bins))
+    times = jnp.where(members > 0, times, jnp.inf)
+    return BatchEvents(
+        times, kicks, jnp.sum(members > 0, axis=1, dtype=jnp.int32), n_spikes,
+        jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def batched_feedforward_layer(
+    model: NeuronModel,
+    events: BatchEvents,
+    initial_state: Array,
+    T: float,
+    max_spikes: int,
+) -> LayerResult:
+    """Simulate a layer of independent neurons for a batch of fused input events.
+
+    Models with a specialised batched simulator (``model.layer_simulator``) use it; others run
+    :func:`feedforward_layer` per sample. Returns a batched :class:`LayerResult`
+    (``[B, N, K]``, ``[B, N]``, ``[B, D, N]``).
+    """
+    dtype = initial_state.dtype
+    batch, n_neurons = events.times.shape[0], initial_state.shape[-1]
+    # A final zero-weight event at T flushes the spikes between the last input and the trial end.
+    times = jnp.concatenate([events.times.astype(dtype), jnp.full((batch, 1), T, dtype)], axis=1)
+    kicks = jnp.concatenate(
+        [events.kicks.astype(dtype), jnp.zeros((1, batch, n_neurons), dtype)], axis=0
+    )
+    simulator = model.layer_simulator(T)
+    if simulator is not None:
+        return LayerResult(*simulator(times, kicks, initial_state, max_spikes))
+
+    def one_sample(sample_times, sample_kicks):
+        return _scan_layer(model, sample_times, sample_kicks, initial_state, T, max_spikes)
+
+    return jax.vmap(one_sample, in_axes=(0, 1))(times, kicks)
 
 
 def earliest(times: Array, k: int) -> Array:

@@ -50,7 +50,7 @@ EVENT_BUCKET = 16
 
 _layer_kernel = jax_function(
     kernel_layers.spiking_layer,
-    static_argnames=("model", "T", "max_events", "max_spikes", "pseudo"),
+    static_argnames=("model", "T", "max_events", "max_spikes", "pseudo", "max_input_spikes"),
 )
 _binned_layer_kernel = jax_function(
     kernel_layers.binned_spiking_layer,
@@ -66,13 +66,24 @@ class BufferOverflowError(RuntimeError):
     """A fixed-size spike or event buffer was too small for the data."""
 
 
-def _bucket(n: int) -> int:
-    return EVENT_BUCKET * max(1, math.ceil(n / EVENT_BUCKET))
-
-
 def _host_ints(*values: torch.Tensor) -> list[int]:
     """Several integer scalars from the device in one transfer."""
     return [int(v) for v in torch.stack([v.to(torch.int64) for v in values]).tolist()]
+
+
+def _input_event_counts(times: torch.Tensor, T: float) -> tuple[torch.Tensor, ...]:
+    """Most distinct input spike times and most input spikes in the trial of any sample, and
+    the number of invalid (NaN or negative) times: scalars on the tensors' device."""
+    if not times.numel():
+        zero = times.new_zeros((), dtype=torch.int64)
+        return zero, zero, zero
+    flat = times.detach().flatten(1)
+    in_trial = flat < T
+    ordered, _ = torch.sort(torch.where(in_trial, flat, torch.inf), dim=1)
+    distinct = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] < T)
+    n_events = distinct.sum(1) + in_trial.any(1)
+    invalid = (torch.isnan(flat) | (flat < 0)).sum()
+    return n_events.max(), in_trial.sum(1).max(), invalid
 
 
 def _check_spikes(spikes: object, layer: nn.Module, n_inputs: int, T: float,
@@ -241,18 +252,20 @@ class SpikingLinear(nn.Module):
             )
         else:
             times = spikes.times
-            in_trial = (times < self.T).sum((1, 2)).max() if times.numel() else times.new_zeros(())
-            invalid = (torch.isnan(times) | (times < 0)).sum()
-            n_events, n_invalid = _host_ints(in_trial, invalid)
+            n_events, n_spikes, n_invalid = _host_ints(*_input_event_counts(times, self.T))
             if n_invalid:
                 raise ValueError(
                     f"{self._name()}: {n_invalid} input spike times are NaN or negative; spike "
                     "times must be >= 0 (use +inf for 'no spike')"
                 )
             rate = spikes.pseudo_rate if pseudo else None
+            max_events, max_input_spikes = kernel_layers.event_buffer_sizes(
+                n_events, n_spikes, times.shape[1] * times.shape[2], EVENT_BUCKET
+            )
             out = _layer_kernel(
                 self.weight, initial_state, times, rate, model=self.model, T=self.T,
-                max_events=_bucket(n_events), max_spikes=self.max_spikes, pseudo=pseudo,
+                max_events=max_events, max_spikes=self.max_spikes, pseudo=pseudo,
+                max_input_spikes=max_input_spikes,
             )
         (most_spikes,) = _host_ints(out.spike_count.max())
         if most_spikes > self.max_spikes:

@@ -649,12 +649,22 @@ def test_spike_buffer_overflow_is_reported(model):
 
 
 def uneven_input_times(input_times):
-    """24, 25 and 26 input spikes inside the trial, and one at exactly ``T`` (never an event)."""
+    """24, 25 and 26 input spikes inside the trial (two of them coincident at 0.5 in the last
+    two samples), and one at exactly ``T`` (never an event)."""
     times = np.array(input_times)
     for b in range(B):
         times[b, 1 : 1 + b, N_REAL + 1] = 0.5
     times[:, 0, N_REAL + 1] = T
     return times
+
+
+def distinct_times_in_trial(times):
+    return np.array([len(np.unique(t[t < T])) for t in times])
+
+
+def layer_segments(model, max_events, max_input_spikes):
+    """A layer that fuses coincident inputs by gathering and summing by segments."""
+    return partial(layer(model, max_events=max_events), max_input_spikes=max_input_spikes)
 
 
 def test_input_event_buffer_overflow_is_reported():
@@ -663,20 +673,36 @@ def test_input_event_buffer_overflow_is_reported():
     times = uneven_input_times(params["input_times"])
     inside = np.sum(times < T, axis=(1, 2))
     np.testing.assert_array_equal(inside, N * N_REAL + np.arange(B))
+    distinct = distinct_times_in_trial(times)
+    np.testing.assert_array_equal(distinct, N * N_REAL + np.array([0, 1, 1]))
     args = (params["weights"][0], params["states"][0], jnp.asarray(times), jnp.zeros((B, N)))
     full, _ = layer_forward(layer(model), *args)  # all N * K input slots fit
     np.testing.assert_array_equal(full.n_dropped, 0)
+    np.testing.assert_array_equal(full.n_input_events, distinct)
+    np.testing.assert_array_equal(full.n_input_spikes, inside)
     assert np.sum(np.isfinite(times), axis=(1, 2)).min() > inside.max()  # spikes at/after T
 
-    exact = layer_only(layer(model, max_events=int(inside.max())), *args)
-    np.testing.assert_array_equal(exact.n_dropped, 0)
-    np.testing.assert_array_equal(exact.spike_count, full.spike_count)
-    for name in ("spike_times", "final_state", "filled_times"):
-        assert_close(getattr(exact, name), getattr(full, name), 1e-12, name)
-    small = int(inside.max()) - 2
+    # The buffer holds distinct times: both fusion strategies, exactly large enough.
+    for fn in (layer(model, max_events=int(distinct.max())),
+               layer_segments(model, int(distinct.max()), int(inside.max()))):
+        exact = layer_only(fn, *args)
+        np.testing.assert_array_equal(exact.n_dropped, 0)
+        np.testing.assert_array_equal(exact.spike_count, full.spike_count)
+        for name in ("spike_times", "final_state", "filled_times"):
+            assert_close(getattr(exact, name), getattr(full, name), 1e-12, name)
+        assert_no_nan(exact)
+    # Two distinct times short: the spikes at the latest two distinct times of each sample drop.
+    small = int(distinct.max()) - 2
+    expected = [np.sum(t[t < T] >= np.unique(t[t < T])[small]) if d > small else 0
+                for t, d in zip(times, distinct)]
     short = layer_only(layer(model, max_events=small), *args)
-    np.testing.assert_array_equal(short.n_dropped, inside - small)  # 0, 1, 2
-    assert_no_nan((full, exact, short))
+    np.testing.assert_array_equal(short.n_dropped, expected)
+    assert np.sum(expected) >= 2
+    # Gathering fewer input spikes than there are drops the latest of them.
+    short_spikes = layer_only(layer_segments(model, int(distinct.max()), int(inside.max()) - 2),
+                              *args)
+    np.testing.assert_array_equal(short_spikes.n_dropped, inside - (int(inside.max()) - 2))
+    assert_no_nan((full, short, short_spikes))
 
 
 def test_network_event_buffer_overflow_is_reported():

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from jax_kernels.models.base import PhaseOscillatorModel, require_positive
-from jax_kernels.simulate import earliest
 
 
 @dataclass(frozen=True)
@@ -72,48 +71,73 @@ class Theta(PhaseOscillatorModel):
         # representation without transcendental functions in the scan (see _rotating_layer).
         return partial(self._rotating_layer, T) if T < self.period else None
 
-    def _rotating_layer(self, T, times, weights, initial_state, max_spikes):
-        """Feedforward layer with the phase as a point on the unit circle.
+    def _rotating_layer(self, T, times, kicks, initial_state, max_spikes):
+        """Batched feedforward layer with the phase as a point on the unit circle.
 
         The state ``z = (cos a, sin a)``, ``a = pi phi / Theta``, rotates by the same angle for all
-        neurons between two inputs (a 2x2 rotation); passing ``a = pi`` is a spike, after which the
-        reset state is ``-z``; an input maps ``z`` to ``(cos a - u sin a, sin a) / norm`` with
-        ``u = w / sqrt(I0 - 1/4)`` (the phase transfer function, rewritten). The spike times'
-        ``arctan2`` is computed after the scan, vectorised over all steps.
+        neurons of a sample between two inputs (a 2x2 rotation); passing ``a = pi`` is a spike,
+        after which the reset state is ``-z``; an input maps ``z`` to ``(cos a - u sin a, sin a) /
+        norm`` with ``u = w / sqrt(I0 - 1/4)`` (the phase transfer function, rewritten). The scan
+        body is a few multiply-adds and one ``rsqrt`` per neuron; it records which spike slot each
+        interval's spike fills, and only the ``K`` recorded spikes get an ``arctan2`` afterwards:
+        a spike in the interval starting at ``t0`` in state ``a0`` is at ``t0 + (pi - a0) Theta / pi``.
+
+        Args: times ``[B, S]`` (the last one ``T``), kicks ``[S, B, N]``, initial_state ``[1, N]``.
+        Returns: spike times ``[B, N, K]``, spike counts ``[B, N]``, final phases ``[B, 1, N]``.
         """
+        dtype = initial_state.dtype
+        batch, n_neurons = times.shape[0], initial_state.shape[-1]
         angular_speed = self._root / self.tau  # pi / Theta
         interval_end = jnp.minimum(times, T)
-        angle_step = angular_speed * jnp.diff(interval_end, prepend=jnp.zeros((1,), times.dtype))
-        applied = (times < T)[:, None]
-        u = jnp.where(applied, weights / self._root, 0.0)
+        interval_start = jnp.concatenate(
+            [jnp.zeros((batch, 1), dtype), interval_end[:, :-1]], axis=1
+        )
+        angle_step = (angular_speed * (interval_end - interval_start)).T[..., None]  # [S, B, 1]
+        u = jnp.where((times < T).T[..., None], kicks / self._root, 0.0)
         angle0 = angular_speed * initial_state[0]
         # sin(pi) rounds below 0 in float32: a phase of exactly Theta must not count as past it.
         initial_sin = jnp.sin(angle0)
         initial_sin = jnp.where(initial_sin < 0, 0.0, initial_sin)
+        initial = (
+            jnp.broadcast_to(jnp.cos(angle0), (batch, n_neurons)),
+            jnp.broadcast_to(initial_sin, (batch, n_neurons)),
+            jnp.zeros((batch, n_neurons), jnp.int32),
+        )
+        # Spike counts leave the scan capped at K, in the narrowest integer type that holds K.
+        count_type = jnp.int8 if max_spikes < 127 else jnp.int32
 
-        def step(z, event):
-            cos, sin = z
+        def step(carry, event):
+            cos, sin, count = carry
             cos_step, sin_step, u = event
+            start = (cos, sin)
             cos, sin = cos * cos_step - sin * sin_step, sin * cos_step + cos * sin_step
             spiked = (sin < 0) | ((sin == 0) & (cos < 0))
+            count = count + spiked
             cos, sin = jnp.where(spiked, -cos, cos), jnp.where(spiked, -sin, sin)
-            after_spike = (cos, sin)
             shifted = cos - u * sin
             inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
-            return (shifted * inverse_norm, sin * inverse_norm), (spiked, after_spike)
+            capped = jnp.minimum(count, max_spikes).astype(count_type)
+            return (shifted * inverse_norm, sin * inverse_norm, count), (capped, start)
 
-        (cos, sin), (spiked, (cos_after, sin_after)) = lax.scan(
-            step,
-            (jnp.cos(angle0), initial_sin),
-            (jnp.cos(angle_step), jnp.sin(angle_step), u),
+        (cos, sin, count), (capped_count, (cos_start, sin_start)) = lax.scan(
+            step, initial, (jnp.cos(angle_step), jnp.sin(angle_step), u)
         )
-        since_spike = jnp.arctan2(sin_after, cos_after) / angular_speed
-        # Rounding must not move a spike before the start of its interval.
-        interval_start = jnp.concatenate([jnp.zeros((1,), times.dtype), interval_end[:-1]])
-        spike_times = interval_end[:, None] - since_spike
-        spike_times = jnp.where(spike_times < interval_start[:, None], interval_start[:, None],
-                                spike_times)
-        spike_times = jnp.where(spiked, spike_times, jnp.inf)
-        spike_times = earliest(spike_times.T, max_spikes)
+        # Counts never decrease, so the interval of a neuron's k-th spike (k = 0, 1, ...) is the
+        # number of intervals after which it had spiked at most k times (S: no such spike).
+        spike_interval = jnp.stack(
+            [jnp.sum(capped_count <= k, axis=0, dtype=jnp.int32) for k in range(max_spikes)], -1
+        )  # [B, N, K]
+        has_spike = spike_interval < capped_count.shape[0]
+        index = jnp.minimum(spike_interval, capped_count.shape[0] - 1)
+        index_major = jnp.moveaxis(index, -1, 0)  # [K, B, N]
+        cos_k = jnp.moveaxis(jnp.take_along_axis(cos_start, index_major, axis=0), 0, -1)
+        sin_k = jnp.moveaxis(jnp.take_along_axis(sin_start, index_major, axis=0), 0, -1)
+        flat_index = index.reshape(batch, -1)
+        start_k = jnp.take_along_axis(interval_start, flat_index, axis=1).reshape(index.shape)
+        end_k = jnp.take_along_axis(interval_end, flat_index, axis=1).reshape(index.shape)
+        spike_times = start_k + (jnp.pi - jnp.arctan2(sin_k, cos_k)) / angular_speed
+        # Rounding must not move a spike out of its interval.
+        spike_times = jnp.clip(spike_times, start_k, end_k)
+        spike_times = jnp.where(has_spike, spike_times, jnp.inf)
         final_phase = jnp.arctan2(sin, cos) / angular_speed
-        return spike_times, jnp.sum(spiked, axis=0, dtype=jnp.int32), final_phase[None]
+        return spike_times, count, final_phase[:, None, :]

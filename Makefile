@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# torch's OpenMP threads must not busy-wait while JAX computes (see spike_bridge/__init__.py).
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo data test bench clean
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-import spike_bridge  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP)
+import spike_bridge  # noqa: F401
 
 import numpy as np
 import torch

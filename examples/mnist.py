@@ -232,7 +232,7 @@ def check_resume_config(saved: dict, current: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    import spike_bridge  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP)
+    import spike_bridge  # noqa: F401
     import torch
     from torch.utils.data import Subset
     from tqdm import tqdm

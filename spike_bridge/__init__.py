@@ -7,14 +7,10 @@ workers start fast and never initialise JAX.
 """
 
 import importlib
-import os
 
-# torch's OpenMP threads busy-wait after each parallel op and then compete with JAX's own
-# threads for the cores: with torch and JAX alternating in every layer, a CPU training step took
-# 1.6x as long (benchmarks/bridge.py). Passive waiting avoids that. OpenMP reads this once, when
-# torch is first imported, so it only takes effect if spike_bridge is imported before torch
-# (an explicit user setting is kept).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Importing spike_bridge changes nothing process-wide: no environment variables (thread wait
+# policies), no JAX configuration, no global hooks. README "Threads" says how torch's and XLA's
+# thread pools share a CPU and what the measured options are.
 
 __all__ = ["bridge", "data", "functional", "nn", "plot", "Spikes"]
 

@@ -1,13 +1,15 @@
 """Event-based simulation of spiking layers and recurrent networks.
 
-All functions here simulate *one* sample and are jit-, vmap- and reverse-mode-differentiable; batch
-them with ``jax.vmap`` (see :mod:`jax_kernels.layers`). Buffers have fixed sizes; running out of room
+Single-sample functions (``feedforward_layer``, ``recurrent_network``) are batched with
+``jax.vmap``; the feedforward fast path works on whole batches (``fused_input_events``,
+``batched_feedforward_layer``), time-major, so that each scan step is one wide elementwise update.
+All are jit-, vmap- and reverse-mode-differentiable. Buffers have fixed sizes; running out of room
 is reported in the results (never silent truncation, never NaN-filling):
 
 - a layer's output buffer holds ``K`` spikes per neuron; ``spike_count`` is the true count, so
   ``spike_count > K`` marks an overflow,
-- an input event buffer holds the earliest ``E`` input spikes; ``n_dropped`` counts the input spikes
-  inside the trial that did not fit,
+- an input event buffer holds the earliest ``E`` distinct input spike times (coincident spikes are
+  one event); ``n_dropped`` counts the input spikes inside the trial that did not fit,
 - a recurrent network runs a fixed number of event steps; ``end_time < T`` marks that they did not
   suffice to reach the trial end.
 

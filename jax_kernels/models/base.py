@@ -86,12 +86,13 @@ class NeuronModel(ABC):
         return x
 
     def layer_simulator(self, T: float):
-        """A specialised single-sample layer simulator for trials of length ``T``, or ``None``.
+        """A specialised batched layer simulator for trials of length ``T``, or ``None``.
 
-        If given, :func:`jax_kernels.simulate.feedforward_layer` calls it as
-        ``fn(times [S], weights [S, N], initial_state [D, N], max_spikes)`` (the last event is a
-        zero-weight event at ``T``; times ``>= T`` are not applied) and expects
-        ``(spike_times [N, K], spike_count [N], final_state [D, N])``.
+        If given, :func:`jax_kernels.simulate.batched_feedforward_layer` calls it as
+        ``fn(times [B, S], kicks [S, B, N], initial_state [D, N], max_spikes)`` (event times
+        ascending per sample; the last event is a zero-weight event at ``T``; times ``>= T`` are
+        not applied) and expects ``(spike_times [B, N, K], spike_count [B, N],
+        final_state [B, D, N])``. Without it the generic event scan runs per sample.
         """
         return None
 

@@ -99,20 +99,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=None,
                         help="training samples (default: the published 5000)")
     parser.add_argument("--hidden", type=int, nargs="*", default=[200], help="hidden layer sizes")
-    parser.add_argument("--T", type=float, default=2.0, help="trial duration (units of tau)")
+    parser.add_argument("--T", type=float, default=4.0, help="trial duration (units of tau)")
     parser.add_argument("--t-early", type=float, default=0.0, help="input time of value 0")
-    parser.add_argument("--t-late", type=float, default=1.0, help="input time of value 1")
-    parser.add_argument("--bias-times", type=float, nargs="*", default=[0.5],
+    parser.add_argument("--t-late", type=float, default=1.5, help="input time of value 1")
+    parser.add_argument("--bias-times", type=float, nargs="*", default=[0.75],
                         help="spike times of the bias inputs")
     parser.add_argument("--w-scale", type=float, default=2.0,
                         help="initial weights uniform in +-w_scale/sqrt(fan_in)")
     parser.add_argument("--max-spikes", type=int, default=4, help="spike buffer per neuron")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--lr-final", type=float, default=1e-2,
                         help="final learning rate as a fraction of --lr (cosine schedule)")
-    parser.add_argument("--gamma", type=float, default=1e-2, help="early-spike regulariser")
+    parser.add_argument("--gamma", type=float, default=5e-2, help="early-spike regulariser")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--out", default=None, help="output folder (default outputs/yin_yang_s<seed>)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")

@@ -47,7 +47,6 @@ GEOMETRIES = [
     # (C_in, H, W), C_out, kernel, stride, padding
     ((2, 5, 6), 3, 3, 1, 0),
     ((2, 6, 5), 3, 3, 2, 1),
-    ((1, 7, 7), 2, 2, 2, 0),
 ]
 
 
@@ -74,7 +73,7 @@ def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, strid
     got = conv(Spikes(times, T, pseudo_rate=rate))
     parameters = [conv.weight, conv.initial_state, times]
     expected = dense_forward(*parameters)
-    assert int(got.spike_count.sum()) >= 15  # the comparison covers many spikes
+    assert int(got.spike_count.sum()) > 20  # the comparison covers many spikes
     assert torch.equal(got.spike_count, expected.spike_count)
     assert torch.equal(torch.isinf(got.times), torch.isinf(expected.times))
     finite = torch.isfinite(expected.times)
@@ -148,15 +147,18 @@ def test_spike_buffer_overflow_names_layer_and_size():
 
 
 def test_event_buffer_overflow_is_counted_by_the_kernel():
+    from functools import partial
+
+    import jax
     import jax.numpy as jnp
 
     from jax_kernels.conv import theta_conv_layer
     from jax_kernels.models import Theta
 
     times = jnp.linspace(0.1, 1.9, 2 * 9).reshape(1, 9, 2)
-    out = theta_conv_layer(jnp.ones((1, 1, 2, 2)), jnp.full((1, 1), 3.0), times,
-                           model=Theta(), in_shape=(1, 3, 3), stride=1, padding=0, T=2.0,
-                           max_events=16, max_spikes=2)
+    layer = jax.jit(partial(theta_conv_layer, model=Theta(), in_shape=(1, 3, 3), stride=1,
+                            padding=0, T=2.0, max_events=16, max_spikes=2))
+    out = layer(jnp.ones((1, 1, 2, 2)), jnp.full((1, 1), 3.0), times)
     assert int(out.n_dropped[0]) == 2
 
 

@@ -563,6 +563,13 @@ _conv_kernel = jax_function(
 )
 
 
+def _power_of_two_bucket(n: int) -> int:
+    """Event buffer of a convolution: a power of two (at least :data:`EVENT_BUCKET`). Spike grids
+    give event counts in the hundreds that vary from batch to batch; doubling buckets keep the
+    number of compiled kernels logarithmic, and an empty event step costs only ``C_out k^2``."""
+    return max(EVENT_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
 def _grid_shape(argument: str, value) -> tuple[int, int, int]:
     shape = tuple(value) if isinstance(value, (tuple, list)) else None
     if shape is None or len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
@@ -679,7 +686,7 @@ class SpikingConv2d(nn.Module):
         out = _conv_kernel(
             self.weight, self.clamped_initial_state(), times, rate, model=self.model,
             in_shape=self.in_shape, stride=self.stride, padding=self.padding, T=self.T,
-            max_events=_bucket(n_events), max_spikes=self.max_spikes, pseudo=self.pseudo,
+            max_events=_power_of_two_bucket(n_events), max_spikes=self.max_spikes, pseudo=self.pseudo,
         )
         (most_spikes,) = _host_ints(out.spike_count.max())
         if most_spikes > self.max_spikes:

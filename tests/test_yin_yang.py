@@ -118,7 +118,7 @@ def test_yin_yang_example_beats_chance(tmp_path, monkeypatch):
 
     out = yin_yang.main([
         "--train-size", "1000", "--hidden", "30", "--epochs", "4", "--batch-size", "50",
-        "--lr", "1e-2", "--T", "3", "--quiet", "--out", str(tmp_path / "yy"),
+        "--lr", "1e-2", "--quiet", "--out", str(tmp_path / "yy"),
     ])
     metrics = json.loads((out / "metrics.json").read_text())
     final = metrics["final"]

@@ -21,6 +21,8 @@ Contents
   :func:`bin_pixels`, :func:`bin_spike_times`, :func:`bins_to_times`, :func:`flip_bins` and the
   picklable transform :class:`BinPixels`.
 * DataLoader helpers: :func:`loader_context`, :func:`make_loader`.
+* The Yin-Yang dataset (generated, seeded): :class:`YinYangDataset`, :func:`yin_yang_class`,
+  :func:`yin_yang_points`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ __all__ = [
     "BinPixels",
     "loader_context",
     "make_loader",
+    "YIN_YANG_CLASSES",
+    "YIN_YANG_SPLIT_SIZES",
+    "YinYangDataset",
+    "yin_yang_class",
+    "yin_yang_points",
 ]
 
 logger = logging.getLogger(__name__)
@@ -713,3 +720,123 @@ def make_loader(
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, **kw
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Yin-Yang (Kriener et al., "The Yin-Yang dataset", arXiv 2102.08211)
+# --------------------------------------------------------------------------------------------
+
+#: Samples per split, as published: 5000 train / 1000 validation / 1000 test.
+YIN_YANG_SPLIT_SIZES = {"train": 5000, "validation": 1000, "test": 1000}
+
+#: Class names in label order (the published generator's list).
+YIN_YANG_CLASSES = ("yin", "yang", "dot")
+
+
+def yin_yang_class(x: np.ndarray, y: np.ndarray, r_small: float = 0.1,
+                   r_big: float = 0.5) -> np.ndarray:
+    """Class (0, 1 or 2) of points of the yin-yang symbol, the published generator's rule.
+
+    The symbol is the disc of radius ``r_big`` centred at ``(r_big, r_big)``. The two eyes are
+    centred at ``(r_big / 2, r_big)`` (left) and ``(3 r_big / 2, r_big)`` (right). Points
+    strictly closer than ``r_small`` to an eye centre are class 2 ("dot"). Otherwise a point is
+    class 1 if it lies in the left small half-disc ring (``r_small < d_left <= r_big / 2``),
+    within ``r_small`` of the right eye, or in the upper half (``y > r_big``) outside the right
+    half-disc (``d_right > r_big / 2``); everything else is class 0.
+
+    Args:
+        x, y: coordinates (arrays of one shape, or floats). r_small: eye radius; r_big: symbol
+            radius.
+
+    Returns:
+        int64 array of the broadcast shape of ``x`` and ``y``.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    d_right = np.hypot(x - 1.5 * r_big, y - r_big)
+    d_left = np.hypot(x - 0.5 * r_big, y - r_big)
+    dot = (d_right < r_small) | (d_left < r_small)
+    one = ((d_right <= r_small) | ((d_left > r_small) & (d_left <= 0.5 * r_big))
+           | ((y > r_big) & (d_right > 0.5 * r_big)))
+    return np.where(dot, 2, one.astype(np.int64))
+
+
+def yin_yang_points(size: int, seed: Union[int, list[int]], r_small: float = 0.1,
+                    r_big: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` points of the yin-yang symbol with balanced classes, by rejection sampling.
+
+    As in the published generator, each sample first draws its class uniformly, then draws
+    points uniformly in ``[0, 2 r_big]^2`` until one lies inside the symbol's disc and has that
+    class. (The random stream is numpy's ``default_rng(seed)``, so the points differ from the
+    published files; the distribution is the same.)
+
+    Returns:
+        ``(xy [size, 2] float64, labels [size] int64)``.
+    """
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be an int >= 0, got {size!r}")
+    if not 0 < r_small < 0.5 * r_big:
+        raise ValueError(
+            f"need 0 < r_small < r_big / 2 (the eyes inside their half-discs), got "
+            f"r_small={r_small!r}, r_big={r_big!r}"
+        )
+    rng = np.random.default_rng(seed)
+    goals = rng.integers(0, 3, size=size)
+    xy = np.empty((size, 2))
+    for i, goal in enumerate(goals):
+        while True:
+            # Candidates in chunks (most are rejected: class 2 covers ~4% of the square).
+            candidates = rng.random((64, 2)) * 2 * r_big
+            inside = np.hypot(candidates[:, 0] - r_big, candidates[:, 1] - r_big) <= r_big
+            hits = np.flatnonzero(
+                inside & (yin_yang_class(candidates[:, 0], candidates[:, 1], r_small, r_big)
+                          == goal)
+            )
+            if hits.size:
+                xy[i] = candidates[hits[0]]
+                break
+    return xy, goals.astype(np.int64)
+
+
+class YinYangDataset(torch.utils.data.Dataset):
+    """The Yin-Yang classification dataset, generated offline and seeded.
+
+    Each sample is ``(inputs, label)``: ``inputs`` float32 ``[4]`` = ``(x, y, 1 - x, 1 - y)``
+    with ``(x, y)`` in ``[0, 1]^2`` (the coordinates and their mirrors, so that every input is
+    informative as an early *or* late spike time), ``label`` int64 in ``{0, 1, 2}``
+    (:data:`YIN_YANG_CLASSES`). The whole split is also available as tensors ``inputs [N, 4]``
+    and ``labels [N]``.
+
+    Args:
+        split: ``"train"`` (5000 samples), ``"validation"`` (1000) or ``"test"`` (1000).
+        seed: the dataset seed; the three splits of one seed are independent draws (each split
+            uses ``default_rng([seed, split index])``).
+        size: number of samples (default: the split's published size).
+        r_small, r_big: the symbol's eye and outer radius (published: 0.1 and 0.5).
+    """
+
+    def __init__(self, split: str = "train", seed: int = 0, size: Optional[int] = None,
+                 r_small: float = 0.1, r_big: float = 0.5):
+        if split not in YIN_YANG_SPLIT_SIZES:
+            raise ValueError(
+                f"split must be one of {sorted(YIN_YANG_SPLIT_SIZES)}, got {split!r}"
+            )
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.split, self.seed = split, seed
+        self.r_small, self.r_big = float(r_small), float(r_big)
+        size = YIN_YANG_SPLIT_SIZES[split] if size is None else size
+        split_index = list(YIN_YANG_SPLIT_SIZES).index(split)
+        xy, labels = yin_yang_points(size, [seed, split_index], r_small, r_big)
+        xy = torch.from_numpy(xy / (2 * r_big)).to(torch.float32)  # [0, 1]^2 for any r_big
+        self.inputs = torch.cat([xy, 1 - xy], dim=1)
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.labels[index]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(split={self.split!r}, seed={self.seed}, size={len(self)}, "
+                f"r_small={self.r_small}, r_big={self.r_big})")

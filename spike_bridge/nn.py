@@ -34,6 +34,7 @@ from spike_bridge.spikes import Spikes
 __all__ = [
     "BinnedLatencyEncoder",
     "BufferOverflowError",
+    "EarliestSpikePool2d",
     "FirstSpikeTime",
     "LIFLinear",
     "LatencyEncoder",
@@ -41,6 +42,7 @@ __all__ = [
     "QIFLinear",
     "QIFRecurrent",
     "SpikeTimes",
+    "SpikingConv2d",
     "SpikingLinear",
     "ThetaLinear",
 ]
@@ -546,3 +548,221 @@ class SpikeTimes(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, pseudo={self.pseudo}"
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution and pooling on spike grids
+# --------------------------------------------------------------------------------------------
+
+from jax_kernels import conv as conv_kernels  # noqa: E402  (kept with the block that uses it)
+
+_conv_kernel = jax_function(
+    conv_kernels.theta_conv_layer,
+    static_argnames=("model", "in_shape", "stride", "padding", "T", "max_events", "max_spikes",
+                     "pseudo"),
+)
+
+
+def _power_of_two_bucket(n: int) -> int:
+    """Event buffer of a convolution: a power of two (at least :data:`EVENT_BUCKET`). Spike grids
+    give event counts in the hundreds that vary from batch to batch; doubling buckets keep the
+    number of compiled kernels logarithmic, and an empty event step costs only ``C_out k^2``."""
+    return max(EVENT_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def _grid_shape(argument: str, value) -> tuple[int, int, int]:
+    shape = tuple(value) if isinstance(value, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"`{argument}` must be (C, H, W), three positive ints, got {value!r}")
+    return shape
+
+
+class SpikingConv2d(nn.Module):
+    r"""2-D convolution of theta neurons on spike grids, with exact gradients.
+
+    Neuron ``(o, i, j)`` receives input ``(c, y, x)`` with weight ``weight[o, c, y - i s + p,
+    x - j s + p]`` (``s`` stride, ``p`` padding), exactly like ``torch.nn.Conv2d``; it is the
+    :class:`ThetaLinear` layer whose weight matrix is that unrolled convolution (initial phases
+    shared per output channel), but each input event touches only the ``C_out k^2`` neurons it
+    reaches (:mod:`jax_kernels.conv`). Pseudospikes use the drive ``conv(weight, input pseudo
+    rates)``, the dense layer's rule. Needs ``T`` below the theta period.
+
+    Args:
+        in_shape: ``(C_in, H, W)`` of the input grid. out_channels: ``C_out``.
+        kernel_size, stride, padding: ints, as in ``torch.nn.Conv2d`` (square kernels).
+        tau, I0: theta neuron parameters (defaults: the reference's ``6/pi``, ``5/4``).
+        T, max_spikes, w_scale, pseudo, learn_initial_state, name: as in :class:`SpikingLinear`
+            (initial weights uniform in ``+-w_scale / sqrt(C_in k^2)``).
+
+    Shapes:
+        input: :class:`Spikes` ``[B, C_in H W, K_in]`` (the grid flattened channel-major);
+        output: :class:`Spikes` ``[B, C_out H' W', K]``, ``out_shape = (C_out, H', W')``; a
+        following :class:`ThetaLinear` takes it as it is (``in_features = C_out H' W'``).
+
+    Attributes:
+        weight: ``[C_out, C_in, k, k]``. initial_state: ``[1, C_out]`` phases at ``t = 0``,
+        kept in ``[0, Theta]``.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        tau: float = 6 / math.pi,
+        I0: float = 1.25,
+        T: float = 2.0,
+        max_spikes: int = 8,
+        w_scale: float = 0.5,
+        pseudo: bool = True,
+        learn_initial_state: bool = True,
+        name: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_shape = _grid_shape("in_shape", in_shape)
+        if not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"`out_channels` must be a positive int, got {out_channels!r}")
+        out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, padding)
+        self.model = Theta(tau=tau, I0=I0)
+        if not 0 < T < self.model.period:
+            raise ValueError(
+                f"`T` must be in (0, {self.model.period:g}) (below the theta period, so a "
+                f"neuron spikes at most once between its inputs), got {T!r}"
+            )
+        if max_spikes < 1:
+            raise ValueError(f"`max_spikes` must be at least 1, got {max_spikes!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.out_channels, self.kernel_size = out_channels, kernel_size
+        self.stride, self.padding = stride, padding
+        self.out_shape = (out_channels, *out_hw)
+        self.in_features, self.out_features = math.prod(self.in_shape), math.prod(self.out_shape)
+        self.T, self.max_spikes = float(T), int(max_spikes)
+        self.w_scale, self.pseudo, self.name = float(w_scale), bool(pseudo), name
+        self._state_low, self._state_high = _state_bounds(self.model)
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, self.in_shape[0], kernel_size, kernel_size, **factory)
+        )
+        state = torch.empty(1, out_channels, **factory)
+        if learn_initial_state:
+            self.initial_state = nn.Parameter(state)
+            _BoundedStates.register(self)
+        else:
+            self.register_buffer("initial_state", state)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform weights ``+-w_scale / sqrt(C_in k^2)``, initial phases ``Theta / 2``."""
+        bound = self.w_scale / math.sqrt(self.in_shape[0] * self.kernel_size ** 2)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            self.initial_state.fill_(self.model.period / 2)
+
+    def clamped_initial_state(self) -> torch.Tensor:
+        """``initial_state`` projected onto ``[0, Theta]`` (differentiable inside)."""
+        return torch.clamp(self.initial_state, self._state_low[0], self._state_high[0])
+
+    def _name(self) -> str:
+        return self.name or (f"SpikingConv2d({self.in_shape}->{self.out_shape}, "
+                             f"k={self.kernel_size})")
+
+    def forward(self, spikes: Spikes) -> Spikes:
+        spikes = _check_spikes(
+            spikes, self, self.in_features, self.T, self.weight.dtype, self.weight.device
+        )
+        times = spikes.times
+        in_trial = (times < self.T).sum((1, 2)).max() if times.numel() else times.new_zeros(())
+        invalid = (torch.isnan(times) | (times < 0)).sum()
+        n_events, n_invalid = _host_ints(in_trial, invalid)
+        if n_invalid:
+            raise ValueError(
+                f"{self._name()}: {n_invalid} input spike times are NaN or negative; spike "
+                "times must be >= 0 (use +inf for 'no spike')"
+            )
+        rate = spikes.pseudo_rate if self.pseudo else None
+        out = _conv_kernel(
+            self.weight, self.clamped_initial_state(), times, rate, model=self.model,
+            in_shape=self.in_shape, stride=self.stride, padding=self.padding, T=self.T,
+            max_events=_power_of_two_bucket(n_events), max_spikes=self.max_spikes, pseudo=self.pseudo,
+        )
+        (most_spikes,) = _host_ints(out.spike_count.max())
+        if most_spikes > self.max_spikes:
+            raise BufferOverflowError(
+                f"{self._name()}: a neuron spiked {most_spikes} times but max_spikes="
+                f"{self.max_spikes}; construct the layer with max_spikes>={most_spikes}"
+            )
+        return Spikes(
+            times=out.spike_times, T=self.T,
+            filled_times=out.filled_times if self.pseudo else None,
+            pseudo_rate=out.pseudo_rate if self.pseudo else None,
+            spike_count=out.spike_count,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_shape={self.in_shape}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"out_shape={self.out_shape}, model={self.model}, T={self.T}, "
+                f"max_spikes={self.max_spikes}, pseudo={self.pseudo}")
+
+
+class EarliestSpikePool2d(nn.Module):
+    r"""Spike pooling: each window passes on its earliest spikes (differentiable in the times).
+
+    Output neuron ``(c, i, j)`` carries the ``K`` earliest spike times of the input neurons in its
+    ``kernel_size x kernel_size`` window (of channel ``c``); pseudospike-filled times are pooled
+    the same way and pseudo rates by their maximum, so the pooled values stay continuous.
+
+    Args:
+        in_shape: ``(C, H, W)`` of the input grid; kernel_size; stride (default
+            ``kernel_size``), as ``torch.nn.MaxPool2d`` without padding.
+
+    Shapes: input :class:`Spikes` ``[B, C H W, K]``; output ``[B, C H' W', K]``,
+    ``out_shape = (C, H', W')``.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], kernel_size: int,
+                 stride: Optional[int] = None):
+        super().__init__()
+        self.in_shape = _grid_shape("in_shape", in_shape)
+        stride = kernel_size if stride is None else stride
+        out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, 0)
+        self.kernel_size, self.stride = kernel_size, stride
+        self.out_shape = (self.in_shape[0], *out_hw)
+
+    def _pool(self, values: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+        """``[B, C H W, *K]`` -> ``[B, C H' W', *K]``: the ``k`` smallest per window (``k =
+        None``: the maximum of ``[B, C H W]``)."""
+        batch = values.shape[0]
+        grid = values.reshape(batch, *self.in_shape, -1)
+        windows = grid.unfold(2, self.kernel_size, self.stride).unfold(
+            3, self.kernel_size, self.stride)  # [B, C, H', W', K, k, k]
+        windows = windows.flatten(-3)
+        if k is None:
+            return windows.amax(-1).reshape(batch, -1)
+        return (-torch.topk(-windows, k, dim=-1).values).reshape(batch, -1, k)
+
+    def forward(self, spikes: Spikes) -> Spikes:
+        if not isinstance(spikes, Spikes):
+            raise TypeError(f"{self}: expected a spike_bridge Spikes value, got "
+                            f"{type(spikes).__name__}")
+        n_in = math.prod(self.in_shape)
+        if spikes.times.dim() != 3 or spikes.times.shape[1] != n_in:
+            raise ValueError(
+                f"{self}: input spike times must have shape [batch, {n_in}, spikes] (in_shape "
+                f"{self.in_shape} flattened), got {list(spikes.times.shape)}"
+            )
+        k = spikes.times.shape[-1]
+        times = self._pool(spikes.times, k)
+        return Spikes(
+            times=times, T=spikes.T,
+            filled_times=None if spikes.filled_times is None else self._pool(spikes.filled_times, k),
+            pseudo_rate=None if spikes.pseudo_rate is None else self._pool(spikes.pseudo_rate, None),
+            spike_count=(times < spikes.T).sum(-1),
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_shape={self.in_shape}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"out_shape={self.out_shape}")

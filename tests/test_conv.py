@@ -1,0 +1,194 @@
+"""Tests of SpikingConv2d / EarliestSpikePool2d (spike_bridge.nn) and jax_kernels.conv.
+
+Oracles: the dense ThetaLinear layer with the unrolled convolution as its weight matrix (an
+independent simulation: every neuron advanced at every event), torch's own conv2d / max_pool2d
+for the geometry, and float64 finite differences for the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from spike_bridge.nn import (
+    BufferOverflowError,
+    EarliestSpikePool2d,
+    FirstSpikeTime,
+    SpikingConv2d,
+    ThetaLinear,
+)
+from spike_bridge.spikes import Spikes
+
+T = 2.0
+
+
+def unrolled(weight: torch.Tensor, in_shape, stride: int, padding: int) -> torch.Tensor:
+    """The dense ``[N_out, N_in]`` matrix of a convolution, column i = conv of unit input i."""
+    n_in = math.prod(in_shape)
+    unit_inputs = torch.eye(n_in, dtype=weight.dtype).reshape(n_in, *in_shape)
+    return F.conv2d(unit_inputs, weight, stride=stride, padding=padding).reshape(n_in, -1).T
+
+
+def random_input(shape, k_in=2, seed=0, silent=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    times = torch.rand(*shape, k_in, generator=generator, dtype=torch.float64) * 1.2 * T
+    times = torch.where(torch.rand(times.shape, generator=generator, dtype=torch.float64) < silent,
+                        torch.inf, times)
+    rate = torch.rand(*shape, generator=generator, dtype=torch.float64)
+    return times.sort(-1).values, rate
+
+
+GEOMETRIES = [
+    # (C_in, H, W), C_out, kernel, stride, padding
+    ((2, 5, 6), 3, 3, 1, 0),
+    ((2, 6, 5), 3, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("in_shape, c_out, k, stride, padding", GEOMETRIES)
+def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, stride, padding):
+    torch.manual_seed(1)
+    conv = SpikingConv2d(in_shape, c_out, k, stride=stride, padding=padding, w_scale=4.0,
+                         max_spikes=3).double()
+    with torch.no_grad():
+        conv.initial_state.uniform_(1.0, 5.0)
+    n_positions = conv.out_shape[1] * conv.out_shape[2]
+    dense = ThetaLinear(conv.in_features, conv.out_features, max_spikes=3).double()
+    times, rate = random_input((4, conv.in_features))
+    times.requires_grad_()
+
+    def dense_forward(weight, initial_state, times):
+        parameters = {"weight": unrolled(weight, in_shape, stride, padding),
+                      "initial_state": initial_state.repeat_interleave(n_positions, dim=1)}
+        return functional_call(dense, parameters, (Spikes(times, T, pseudo_rate=rate),))
+
+    def loss(out):  # every output of the layer enters
+        return (torch.tanh(out.filled_times).sum() + (out.pseudo_rate ** 2).sum())
+
+    got = conv(Spikes(times, T, pseudo_rate=rate))
+    parameters = [conv.weight, conv.initial_state, times]
+    expected = dense_forward(*parameters)
+    assert int(got.spike_count.sum()) > 20  # the comparison covers many spikes
+    assert torch.equal(got.spike_count, expected.spike_count)
+    assert torch.equal(torch.isinf(got.times), torch.isinf(expected.times))
+    finite = torch.isfinite(expected.times)
+    torch.testing.assert_close(got.times[finite], expected.times[finite], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.filled_times, expected.filled_times, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.pseudo_rate, expected.pseudo_rate, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(loss(got), parameters)
+    expected_grads = torch.autograd.grad(loss(expected), parameters)
+    for name, a, b in zip(("weight", "initial_state", "times"), grads, expected_grads):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_gradients_through_conv_pool_linear_match_finite_differences():
+    torch.manual_seed(2)
+    conv = SpikingConv2d((1, 5, 5), 2, 3, padding=1, w_scale=5.0, max_spikes=2).double()
+    pool = EarliestSpikePool2d(conv.out_shape, 2)
+    linear = ThetaLinear(math.prod(pool.out_shape), 3, w_scale=3.0, max_spikes=2).double()
+    readout = FirstSpikeTime()
+    times, _ = random_input((3, 25), k_in=1, seed=3, silent=0.2)
+
+    def forward(conv_weight, conv_state, linear_weight, times):
+        spikes = functional_call(conv, {"weight": conv_weight, "initial_state": conv_state},
+                                 (Spikes(times, T),))
+        pooled = pool(spikes)
+        out = functional_call(linear, {"weight": linear_weight,
+                                       "initial_state": linear.initial_state}, (pooled,))
+        return readout(out), spikes, pooled
+
+    _, spikes, pooled = forward(conv.weight, conv.initial_state, linear.weight, times)
+    assert int(spikes.spike_count.sum()) > 10 and int(pooled.spike_count.sum()) > 5
+    assert (pooled.pseudo_rate > 0).any()  # pseudo rates pass through the pool
+    args = [t.detach().clone().requires_grad_()
+            for t in (conv.weight, conv.initial_state, linear.weight, times)]
+    assert torch.autograd.gradcheck(lambda *a: forward(*a)[0], args)
+
+
+def test_earliest_spike_pool_against_max_pool_and_brute_force():
+    generator = torch.Generator().manual_seed(4)
+    in_shape = (2, 6, 4)
+    times = torch.rand(3, math.prod(in_shape), 2, generator=generator, dtype=torch.float64) * 3
+    times = times.sort(-1).values
+    rate = torch.rand(3, math.prod(in_shape), generator=generator, dtype=torch.float64)
+    pool = EarliestSpikePool2d(in_shape, 2)
+    out = pool(Spikes(times, T, filled_times=times + 0.5, pseudo_rate=rate))
+    assert pool.out_shape == (2, 3, 2) and out.times.shape == (3, 12, 2)
+    grid = times.reshape(3, *in_shape, 2)
+    first = -F.max_pool2d(-grid[..., 0], 2)  # earliest first spike per window
+    torch.testing.assert_close(out.times[..., 0], first.reshape(3, -1), rtol=0, atol=0)
+    torch.testing.assert_close(out.pseudo_rate,
+                               F.max_pool2d(rate.reshape(3, *in_shape), 2).reshape(3, -1))
+    # second-earliest, by brute force over one window
+    window = grid[1, 1, 2:4, 2:4].reshape(-1).sort().values
+    assert out.times[1, 1 * 6 + 1 * 2 + 1, 1] == window[1]
+    assert torch.equal(out.filled_times, pool._pool(times + 0.5, 2))
+    assert torch.equal(out.spike_count, (out.times < T).sum(-1))
+
+
+def test_spike_buffer_overflow_names_layer_and_size():
+    conv = SpikingConv2d((1, 4, 4), 2, 3, padding=1, max_spikes=1, name="conv1").double()
+    with torch.no_grad():
+        conv.weight.fill_(8.0)  # every input drives its neurons to (almost) threshold
+    times = torch.linspace(0.1, 1.9, 3, dtype=torch.float64).expand(2, 16, 3).contiguous()
+    with torch.no_grad(), pytest.raises(BufferOverflowError, match=r"^conv1: .*max_spikes=1") as e:
+        conv(Spikes(times, T))
+    fits = int(re.search(r"max_spikes>=(\d+)", str(e.value)).group(1))
+    bigger = SpikingConv2d((1, 4, 4), 2, 3, padding=1, max_spikes=fits).double()
+    bigger.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        assert int(bigger(Spikes(times, T)).spike_count.max()) == fits
+
+
+def test_event_buffer_overflow_is_counted_by_the_kernel():
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from jax_kernels.conv import theta_conv_layer
+    from jax_kernels.models import Theta
+
+    times = jnp.linspace(0.1, 1.9, 2 * 9).reshape(1, 9, 2)
+    layer = jax.jit(partial(theta_conv_layer, model=Theta(), in_shape=(1, 3, 3), stride=1,
+                            padding=0, T=2.0, max_events=16, max_spikes=2))
+    out = layer(jnp.ones((1, 1, 2, 2)), jnp.full((1, 1), 3.0), times)
+    assert int(out.n_dropped[0]) == 2
+
+
+def test_state_dict_round_trip_and_repr():
+    torch.manual_seed(5)
+    conv = SpikingConv2d((2, 5, 5), 3, 3, stride=2, padding=1)
+    copy = SpikingConv2d((2, 5, 5), 3, 3, stride=2, padding=1)
+    copy.load_state_dict(conv.state_dict())
+    times, _ = random_input((2, 50))
+    spikes = Spikes(times.float(), T)
+    with torch.no_grad():
+        assert torch.equal(conv(spikes).filled_times, copy(spikes).filled_times)
+    assert conv.out_shape == (3, 3, 3) and conv.weight.shape == (3, 2, 3, 3)
+    assert "kernel_size=3, stride=2, padding=1, out_shape=(3, 3, 3)" in repr(conv)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"in_shape": (1, 4)}, "in_shape"),
+    ({"kernel_size": 5}, "does not fit the input grid"),
+    ({"stride": 0}, "`stride` must be an int >= 1"),
+    ({"T": 7.0}, "below the theta period"),
+    ({"out_channels": 0}, "out_channels"),
+])
+def test_invalid_constructor_arguments(kwargs, match):
+    arguments = {"in_shape": (1, 4, 4), "out_channels": 2, "kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SpikingConv2d(**arguments)
+
+
+def test_wrong_input_size_is_named():
+    conv = SpikingConv2d((1, 4, 4), 2, 3, name="conv1")
+    with pytest.raises(ValueError, match=r"conv1: input spike times must have shape \[batch, 16"):
+        conv(Spikes(torch.zeros(2, 15, 1), T))

@@ -277,4 +277,7 @@ def theta_conv_layer(
     else:
         filled = spike_times
         rate = jnp.zeros(final_phase.shape, final_phase.dtype)
-    return LayerOutput(spike_times, spike_count, final_state, filled, rate, n_dropped)
+    # Every input spike is its own event here (no fusion): events needed = spikes in the trial.
+    n_input_spikes = jnp.sum(input_times < T, axis=(1, 2), dtype=jnp.int32)
+    return LayerOutput(spike_times, spike_count, final_state, filled, rate, n_dropped,
+                       n_input_spikes, n_input_spikes)

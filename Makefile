@@ -40,6 +40,7 @@ bench: $(STAMP) data
 	$(PY) -m pip install -e '.[bench]'
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/bridge.py
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -679,8 +679,7 @@ def run_scaling(args, cfg_base: dict) -> dict:
     for axis in SCALING:
         points = []
         for value in getattr(args, f"scaling_{axis}"):
-            cfg = dict(cfg_base, **defaults, **{axis: value})
-            cfg.update(steps=args.scaling_steps, warmup=1)
+            cfg = {**cfg_base, **defaults, axis: value, "steps": args.scaling_steps, "warmup": 1}
             result = run_subprocess("scaling", cfg, args.peer_timeout)
             result[axis] = value
             points.append(result)
@@ -725,8 +724,9 @@ def main() -> None:
                         help="training steps (batch --batch) before the accuracy test; 0: none")
     parser.add_argument("--test-samples", type=int, default=2000)
     parser.add_argument("--root", default="data", help="spike_bridge.data root")
-    parser.add_argument("--only", nargs="+", choices=ROWS, metavar="ROW",
-                        help=f"rows to run, of {', '.join(ROWS)} (default: all)")
+    parser.add_argument("--only", nargs="*", choices=ROWS, metavar="ROW",
+                        help=f"rows to run, of {', '.join(ROWS)} (default: all; none: only "
+                             "the scaling curves)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
     parser.add_argument("--scaling-steps", type=int, default=3)
     for axis, values in SCALING.items():
@@ -759,7 +759,7 @@ def main() -> None:
                     "warmup": args.warmup, "train_steps": args.train_steps,
                     "test_samples": args.test_samples, "slow_step_s": args.slow_step_s}
         rows = {}
-        for row in args.only or ROWS:
+        for row in ROWS if args.only is None else args.only:
             cfg = dict(cfg_base, row=row)
             if row == "exact-snn" and args.memory_limit_gb:
                 cfg["memory_limit_gb"] = args.memory_limit_gb

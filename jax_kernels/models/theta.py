@@ -103,28 +103,25 @@ class Theta(PhaseOscillatorModel):
             jnp.broadcast_to(jnp.cos(angle0), (batch, n_neurons)),
             jnp.broadcast_to(initial_sin, (batch, n_neurons)),
         )
-        cos, sin, count, capped_count, cos_start, sin_start = _rotation_scan(
-            max_spikes, *initial[:2], jnp.cos(angle_step), jnp.sin(angle_step), u
-        )
-        spike_interval = _spike_intervals(capped_count, max_spikes)  # [B, N, K]
-        has_spike = spike_interval < capped_count.shape[0]
-        index = jnp.minimum(spike_interval, capped_count.shape[0] - 1)
-        index_major = jnp.moveaxis(index, -1, 0)  # [K, B, N]
-        cos_k = jnp.moveaxis(jnp.take_along_axis(cos_start, index_major, axis=0), 0, -1)
-        sin_k = jnp.moveaxis(jnp.take_along_axis(sin_start, index_major, axis=0), 0, -1)
-        flat_index = index.reshape(batch, -1)
-        start_k = jnp.take_along_axis(interval_start, flat_index, axis=1).reshape(index.shape)
-        end_k = jnp.take_along_axis(interval_end, flat_index, axis=1).reshape(index.shape)
+        cos, sin, count, spike_interval, cos_k, sin_k, start_k = _rotation_scan(
+            max_spikes, *initial, jnp.cos(angle_step), jnp.sin(angle_step), u,
+            interval_start.T,
+        )  # spike records [K, B, N]
+        n_events = times.shape[1]
+        has_spike = spike_interval < n_events
+        # The end of a spike's interval only bounds rounding: no gradient through it.
+        end_k = lax.stop_gradient(interval_end).T[jnp.minimum(spike_interval, n_events - 1),
+                                                  jnp.arange(batch)[:, None]]
         spike_times = start_k + (jnp.pi - jnp.arctan2(sin_k, cos_k)) / angular_speed
         # Rounding must not move a spike out of its interval.
         spike_times = jnp.clip(spike_times, start_k, end_k)
-        spike_times = jnp.where(has_spike, spike_times, jnp.inf)
+        spike_times = jnp.moveaxis(jnp.where(has_spike, spike_times, jnp.inf), 0, -1)
         final_phase = jnp.arctan2(sin, cos) / angular_speed
         return spike_times, count, final_phase[:, None, :]
 
 
 def _spike_intervals(capped_count: Array, max_spikes: int) -> Array:
-    """Event index ``[B, N, K]`` of each neuron's ``k``-th spike (``S``: no such spike).
+    """Event index ``[K, B, N]`` of each neuron's ``k``-th spike (``S``: no such spike).
 
     Counts never decrease, so spike ``k`` is in the first event after which the count exceeds
     ``k``. A scan over the events finds them; it is 100x faster on XLA's CPU backend than ``K``
@@ -144,7 +141,7 @@ def _spike_intervals(capped_count: Array, max_spikes: int) -> Array:
         jnp.full((max_spikes, *capped_count.shape[1:]), n_events, index_type),
         (jnp.arange(n_events, dtype=jnp.int32), capped_count),
     )
-    return jnp.moveaxis(interval, 0, -1).astype(jnp.int32)
+    return interval
 
 
 def _rotate_spike_kick(cos, sin, cos_step, sin_step, u):
@@ -183,33 +180,44 @@ def _rotation_scan_forward(max_spikes, cos, sin, cos_step, sin_step, u):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rotation_scan(max_spikes, cos, sin, cos_step, sin_step, u):
+def _rotation_scan(max_spikes, cos, sin, cos_step, sin_step, u, interval_start):
     """The event scan of :meth:`Theta._rotating_layer` with a hand-written reverse pass.
 
     Args: states ``cos, sin [B, N]`` at ``t = 0``; per event ``cos_step, sin_step [S, B, 1]``
-    (the rotation since the previous event) and ``u [S, B, N]`` (kicks over ``sqrt(I0 - 1/4)``).
+    (the rotation since the previous event), ``u [S, B, N]`` (kicks over ``sqrt(I0 - 1/4)``) and
+    ``interval_start [S, B]`` (the previous event's time).
 
-    Returns: final ``cos, sin [B, N]``, spike counts ``[B, N]``, counts after each event capped
-    at ``max_spikes`` ``[S, B, N]`` and the states at the start of each event ``[S, B, N]``.
+    Returns: final ``cos, sin [B, N]``, spike counts ``[B, N]``, and for each neuron's first
+    ``K = max_spikes`` spikes ``[K, B, N]``: the event whose interval holds it (``S``: none), and
+    the state and time at the start of that interval.
 
-    The reverse pass keeps only the states at the start of each event (an output anyway) and
-    recomputes the rest of the event, instead of autodiff's nine saved arrays per event.
+    The reverse pass keeps only the states at the start of each event and recomputes the rest of
+    the event (autodiff kept nine arrays per event); the spike records' cotangents enter it at
+    their events, where autodiff would scatter-add them into ``[S, B, N]`` arrays.
     """
-    return _rotation_scan_forward(max_spikes, cos, sin, cos_step, sin_step, u)
+    return _rotation_scan_fwd(max_spikes, cos, sin, cos_step, sin_step, u, interval_start)[0]
 
 
-def _rotation_scan_fwd(max_spikes, cos, sin, cos_step, sin_step, u):
-    outputs = _rotation_scan_forward(max_spikes, cos, sin, cos_step, sin_step, u)
-    return outputs, (outputs[4], outputs[5], cos_step, sin_step, u)
+def _rotation_scan_fwd(max_spikes, cos, sin, cos_step, sin_step, u, interval_start):
+    cos_end, sin_end, count, capped, cos_start, sin_start = _rotation_scan_forward(
+        max_spikes, cos, sin, cos_step, sin_step, u
+    )
+    interval = _spike_intervals(capped, max_spikes)
+    index = jnp.minimum(interval, capped.shape[0] - 1).astype(jnp.int32)
+    cos_k = jnp.take_along_axis(cos_start, index, axis=0)
+    sin_k = jnp.take_along_axis(sin_start, index, axis=0)
+    start_k = jnp.take_along_axis(interval_start[..., None], index, axis=0)
+    outputs = (cos_end, sin_end, count, interval, cos_k, sin_k, start_k)
+    return outputs, (cos_start, sin_start, cos_step, sin_step, u, interval)
 
 
 def _rotation_scan_bwd(max_spikes, residuals, cotangents):
-    cos_start, sin_start, cos_step, sin_step, u = residuals
-    grad_cos, grad_sin, _, _, grad_cos_start, grad_sin_start = cotangents
+    cos_start, sin_start, cos_step, sin_step, u, interval = residuals
+    grad_cos, grad_sin, _, _, grad_cos_k, grad_sin_k, grad_start_k = cotangents
 
     def step(carry, event):
         grad_cos, grad_sin = carry  # w.r.t. the state after this event
-        cos, sin, cos_step, sin_step, u, grad_cos_start, grad_sin_start = event
+        index, cos, sin, cos_step, sin_step, u = event
         (cos_out, sin_out), _, (sign, reset_sin, inverse_norm) = _rotate_spike_kick(
             cos, sin, cos_step, sin_step, u
         )
@@ -223,16 +231,26 @@ def _rotation_scan_bwd(max_spikes, residuals, cotangents):
         grad_sin_before = grad_rotated_sin * cos_step - grad_rotated_cos * sin_step
         grad_cos_step = jnp.sum(grad_rotated_cos * cos + grad_rotated_sin * sin, -1, keepdims=True)
         grad_sin_step = jnp.sum(grad_rotated_sin * cos - grad_rotated_cos * sin, -1, keepdims=True)
-        carry = (grad_cos_before + grad_cos_start, grad_sin_before + grad_sin_start)
-        return carry, (grad_cos_step, grad_sin_step, grad_u)
+        # Spikes recorded at this event: their start state and start time.
+        # (Sums over the K slots unrolled: XLA's CPU reductions over a leading axis are slow.)
+        grad_start = jnp.zeros_like(grad_cos_before)
+        for k in range(max_spikes):
+            here = interval[k] == index
+            grad_cos_before = grad_cos_before + jnp.where(here, grad_cos_k[k], 0.0)
+            grad_sin_before = grad_sin_before + jnp.where(here, grad_sin_k[k], 0.0)
+            grad_start = grad_start + jnp.where(here, grad_start_k[k], 0.0)
+        grad_start = jnp.sum(grad_start, -1)
+        carry = (grad_cos_before, grad_sin_before)
+        return carry, (grad_cos_step, grad_sin_step, grad_u, grad_start)
 
-    (grad_cos, grad_sin), (grad_cos_step, grad_sin_step, grad_u) = lax.scan(
+    n_events = cos_start.shape[0]
+    (grad_cos, grad_sin), (grad_cos_step, grad_sin_step, grad_u, grad_start) = lax.scan(
         step,
         (grad_cos, grad_sin),
-        (cos_start, sin_start, cos_step, sin_step, u, grad_cos_start, grad_sin_start),
+        (jnp.arange(n_events, dtype=interval.dtype), cos_start, sin_start, cos_step, sin_step, u),
         reverse=True,
     )
-    return grad_cos, grad_sin, grad_cos_step, grad_sin_step, grad_u
+    return grad_cos, grad_sin, grad_cos_step, grad_sin_step, grad_u, grad_start
 
 
 _rotation_scan.defvjp(_rotation_scan_fwd, _rotation_scan_bwd)

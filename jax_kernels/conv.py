@@ -21,6 +21,7 @@ pass of the scan keeps only the touched neurons of each step.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import jax
@@ -98,12 +99,19 @@ def _patches(source: Array, weights: Array, in_shape, out_shape, stride: int, pa
               + out_row[:, None, :, None] * out_w + out_col[:, None, None, :])
     valid = valid_row[:, None, :, None] & valid_col[:, None, None, :]
     n_neurons = c_out * out_h * out_w
-    neuron = jnp.where(valid, neuron, n_neurons)
+    # Unreached taps point past the last neuron, each to its own index: the indices of one event
+    # stay unique, so scatters need no duplicate handling (whose derivative costs O(N) per step).
+    off_grid = n_neurons + jnp.arange(c_out * k * k).reshape(1, c_out, k, k)
+    neuron = jnp.where(valid, neuron, off_grid)
     # weights[o, c, j_row, j_col] for this event's input channel c: [E, C_out, k, k].
     tap = jnp.moveaxis(weights[:, channel], 1, 0)
     tap = jnp.where(valid, tap, 0.0)
     n_events = source.shape[0]
     return neuron.reshape(n_events, -1), tap.reshape(n_events, -1)
+
+
+def _gather(index: Array, values: Array, fill_value) -> Array:
+    return values.at[index].get(mode="fill", fill_value=fill_value, unique_indices=True)
 
 
 def _rotate(cos: Array, sin: Array, cos_angle: Array, sin_angle: Array):
@@ -150,7 +158,7 @@ def theta_conv_sample(
     times, source, n_dropped = _input_events(input_times.astype(dtype), max_events, T)
     neuron, tap = _patches(source, weights.astype(dtype), in_shape, out_shape, stride, padding)
     in_trial = times < T
-    neuron = jnp.where(in_trial[:, None], neuron, n_neurons)
+    neuron = jnp.where(in_trial[:, None], neuron, n_neurons + jnp.arange(neuron.shape[1]))
     kick = jnp.where(in_trial[:, None], tap / root, 0.0)
     angle = angular_speed * jnp.where(in_trial, times, 0.0)
 
@@ -159,26 +167,24 @@ def theta_conv_sample(
     sin0 = jnp.maximum(jnp.sin(angle0), 0.0)
 
     def step(carry, event):
-        cos_frame, sin_frame, count = carry  # co-rotating frame, [N]; spikes so far, [N]
+        cos_frame, sin_frame = carry  # each neuron's point in the co-rotating frame, [N]
         target, u, cos_t, sin_t, t = event
-        cos, sin = _rotate(cos_frame.at[target].get(mode="fill", fill_value=1.0),
-                           sin_frame.at[target].get(mode="fill", fill_value=0.0), cos_t, sin_t)
+        gather = partial(_gather, target)
+        cos, sin = _rotate(gather(cos_frame, 1.0), gather(sin_frame, 0.0), cos_t, sin_t)
         spiked = _passed_pi(cos, sin) & (target < n_neurons)
         cos, sin = jnp.where(spiked, -cos, cos), jnp.where(spiked, -sin, sin)
         # After a spike the point is -z; its angle is the time since the spike.
         spike_time = jnp.maximum(t - jnp.arctan2(sin, cos) / angular_speed, 0.0)
-        rank = count.at[target].get(mode="fill", fill_value=0)
-        count = count.at[target].add(spiked.astype(jnp.int32), mode="drop")
         shifted = cos - u * sin
         inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
         cos, sin = _rotate(shifted * inverse_norm, sin * inverse_norm, cos_t, -sin_t)
-        cos_frame = cos_frame.at[target].set(cos, mode="drop")
-        sin_frame = sin_frame.at[target].set(sin, mode="drop")
-        return (cos_frame, sin_frame, count), (spike_time, spiked, rank)
+        cos_frame = cos_frame.at[target].set(cos, mode="drop", unique_indices=True)
+        sin_frame = sin_frame.at[target].set(sin, mode="drop", unique_indices=True)
+        return (cos_frame, sin_frame), (spike_time, spiked)
 
-    init = (jnp.cos(angle0), sin0, jnp.zeros((n_neurons,), jnp.int32))
-    (cos_frame, sin_frame, count), (spike_time, spiked, rank) = lax.scan(
-        step, init, (neuron, kick, jnp.cos(angle), jnp.sin(angle), times)
+    # (A spike counter in the carry, read and written in every step, made XLA copy it per step.)
+    (cos_frame, sin_frame), (spike_time, spiked) = lax.scan(
+        step, (jnp.cos(angle0), sin0), (neuron, kick, jnp.cos(angle), jnp.sin(angle), times)
     )
     # Trial end: every neuron once more, for spikes after its last kick.
     end_angle = angular_speed * T
@@ -188,16 +194,23 @@ def theta_conv_sample(
     end_spike_time = jnp.maximum(T - jnp.arctan2(sin, cos) / angular_speed, 0.0)
     final_phase = jnp.arctan2(sin, cos) / angular_speed
 
-    # Each neuron's spikes are found in time order, so its k-th found spike is its k-th spike.
-    target = jnp.concatenate([neuron.reshape(-1), jnp.arange(n_neurons)])
-    slot = jnp.concatenate([rank.reshape(-1), count])
+    # Each neuron's spikes are found in time order, so its k-th found spike is its k-th spike:
+    # a stable sort by neuron keeps that order, and the slot is the position within the neuron.
     found = jnp.concatenate([spiked.reshape(-1), spiked_end])
+    found_target = jnp.where(
+        found, jnp.concatenate([neuron.reshape(-1), jnp.arange(n_neurons)]), n_neurons
+    )
+    spike_count = jnp.zeros((n_neurons,), jnp.int32).at[found_target].add(1, mode="drop")
     found_time = jnp.concatenate([spike_time.reshape(-1), end_spike_time])
-    target = jnp.where(found & (slot < max_spikes), target, n_neurons)  # others are dropped
+    order = jnp.argsort(found_target, stable=True)
+    target, found_time = found_target[order], found_time[order]
+    position = jnp.arange(target.shape[0])
+    first = jnp.concatenate([jnp.ones((1,), bool), target[1:] != target[:-1]])
+    slot = position - lax.cummax(jnp.where(first, position, 0))
+    target = jnp.where((target < n_neurons) & (slot < max_spikes), target, n_neurons)
     spike_times = jnp.full((n_neurons, max_spikes), jnp.inf, dtype).at[target, slot].set(
         found_time, mode="drop"
     )
-    spike_count = count + spiked_end.astype(jnp.int32)
     return spike_times, spike_count, final_phase, n_dropped
 
 

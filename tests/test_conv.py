@@ -44,14 +44,16 @@ def random_input(shape, k_in=2, seed=0, silent=0.3):
 
 
 GEOMETRIES = [
-    # (C_in, H, W), C_out, kernel, stride, padding
-    ((2, 5, 6), 3, 3, 1, 0),
-    ((2, 6, 5), 3, 3, 2, 1),
+    # (C_in, H, W), C_out, kernel, stride, padding, compare gradients too (each compile costs;
+    # the stride-1 gradients are also checked against finite differences below)
+    ((2, 5, 6), 3, 3, 1, 0, False),
+    ((2, 6, 5), 3, 3, 2, 1, True),
 ]
 
 
-@pytest.mark.parametrize("in_shape, c_out, k, stride, padding", GEOMETRIES)
-def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, stride, padding):
+@pytest.mark.parametrize("in_shape, c_out, k, stride, padding, gradients", GEOMETRIES)
+def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, stride, padding,
+                                                       gradients):
     torch.manual_seed(1)
     conv = SpikingConv2d(in_shape, c_out, k, stride=stride, padding=padding, w_scale=4.0,
                          max_spikes=3).double()
@@ -70,9 +72,10 @@ def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, strid
     def loss(out):  # every output of the layer enters
         return (torch.tanh(out.filled_times).sum() + (out.pseudo_rate ** 2).sum())
 
-    got = conv(Spikes(times, T, pseudo_rate=rate))
     parameters = [conv.weight, conv.initial_state, times]
-    expected = dense_forward(*parameters)
+    with torch.set_grad_enabled(gradients):
+        got = conv(Spikes(times, T, pseudo_rate=rate))
+        expected = dense_forward(*parameters)
     assert int(got.spike_count.sum()) > 20  # the comparison covers many spikes
     assert torch.equal(got.spike_count, expected.spike_count)
     assert torch.equal(torch.isinf(got.times), torch.isinf(expected.times))
@@ -80,6 +83,8 @@ def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, strid
     torch.testing.assert_close(got.times[finite], expected.times[finite], rtol=0, atol=1e-12)
     torch.testing.assert_close(got.filled_times, expected.filled_times, rtol=0, atol=1e-12)
     torch.testing.assert_close(got.pseudo_rate, expected.pseudo_rate, rtol=0, atol=1e-12)
+    if not gradients:
+        return
     grads = torch.autograd.grad(loss(got), parameters)
     expected_grads = torch.autograd.grad(loss(expected), parameters)
     for name, a, b in zip(("weight", "initial_state", "times"), grads, expected_grads):
@@ -192,3 +197,30 @@ def test_wrong_input_size_is_named():
     conv = SpikingConv2d((1, 4, 4), 2, 3, name="conv1")
     with pytest.raises(ValueError, match=r"conv1: input spike times must have shape \[batch, 16"):
         conv(Spikes(torch.zeros(2, 15, 1), T))
+
+
+def test_forward_event_step_touches_only_the_reached_neurons():
+    """The scan body (one input event) works on ``C_out k^2`` neurons: the only operations on
+    arrays of all ``N`` neurons are the scatters that write the touched ones back (in place)."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from jax_kernels.conv import theta_conv_sample
+    from jax_kernels.models import Theta
+
+    n_neurons, reached = 2 * 10 * 10, 2 * 3 * 3
+    simulate = partial(theta_conv_sample, Theta(), in_shape=(1, 12, 12), stride=1, padding=0,
+                       T=2.0, max_events=16, max_spikes=2)
+    jaxpr = jax.make_jaxpr(simulate)(jnp.ones((2, 1, 3, 3)), jnp.full((n_neurons,), 3.0),
+                                     jnp.full((144, 1), 1.0)).jaxpr
+    (scan,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    body = scan.params["jaxpr"].jaxpr
+    sizes = {eqn.primitive.name: max(v.aval.size for v in eqn.outvars) for eqn in body.eqns}
+    assert sizes["gather"] == reached
+    whole_layer = {name for name, size in sizes.items() if size >= n_neurons}
+    assert whole_layer <= {"scatter", "convert_element_type"}, whole_layer
+    for eqn in body.eqns:  # dtype-preserving converts (weak types) are no-ops for XLA
+        if eqn.primitive.name == "convert_element_type" and eqn.outvars[0].aval.size >= n_neurons:
+            assert eqn.params["new_dtype"] == eqn.invars[0].aval.dtype

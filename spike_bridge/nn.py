@@ -26,8 +26,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from jax_kernels import layers as kernel_layers
-from jax_kernels.models import LIF, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
-from spike_bridge.bridge import jax_function
+from jax_kernels.models import LIF, MODELS, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
+from spike_bridge.bridge import jax_function, register_static_type
 from spike_bridge.functional import binned_latency_encode, latency_encode
 from spike_bridge.spikes import Spikes
 
@@ -62,6 +62,9 @@ _recurrent_kernel = jax_function(
     kernel_layers.recurrent_spiking_network,
     static_argnames=("model", "T", "max_events", "max_spikes", "pseudo"),
 )
+# The models are static kernel arguments; under torch.compile they must cross torch's pytree.
+for _model_type in MODELS.values():
+    register_static_type(_model_type)
 
 
 class BufferOverflowError(RuntimeError):
@@ -206,6 +209,7 @@ class SpikingLinear(nn.Module):
             raise ValueError(f"T (trial duration) must be positive, got {T}")
         if max_spikes < 1:
             raise ValueError(f"max_spikes must be at least 1, got {max_spikes}")
+        register_static_type(type(model))  # a user-defined model class too
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.model, self.T, self.max_spikes = model, float(T), int(max_spikes)

@@ -26,22 +26,48 @@ __all__ = [
 ]
 
 
-def _pixel_bins(images: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """``[B, *]`` uint8 pixels, float intensities in [0, 1] or integer bins -> bins ``[B, N]``."""
+#: What ``binned_latency_encode`` can be given: pixel values, or bins computed beforehand.
+ENCODER_INPUTS = ("pixels", "bins")
+
+
+def _pixel_bins(images: torch.Tensor, n_bins: int, input: str) -> torch.Tensor:
+    """``[B, *]`` pixels (``input="pixels"``) or precomputed bins (``"bins"``) -> bins ``[B, N]``.
+
+    The meaning is never guessed from the dtype: an int64 tensor holds pixel values to one caller
+    and bins to another, and reading 255 as a bin silently means "never spikes".
+    """
+    if input not in ENCODER_INPUTS:
+        raise ValueError(f"input must be one of {ENCODER_INPUTS}, got {input!r}")
     if images.dim() < 2:
         raise ValueError(f"images must have a batch axis, shape [B, *], got {list(images.shape)}")
-    if images.dtype in (torch.int64, torch.int32, torch.int16):
+    if input == "bins":
+        if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
+            raise TypeError(
+                f"input='bins' expects integer bin indices (e.g. from "
+                f"spike_bridge.data.BinPixels), got {images.dtype}; for pixel values use "
+                "input='pixels'"
+            )
         bins = images.flatten(1).to(torch.int64)
-        if bins.numel() and (int(bins.min()) < 0):
-            raise ValueError("precomputed input bins must be >= 0")
-        return bins.clamp(max=n_bins)
+        if bins.numel() and (int(bins.min()) < 0 or int(bins.max()) > n_bins):
+            raise ValueError(
+                f"input='bins' expects bin indices in 0..n_bins={n_bins} (n_bins: never spikes), "
+                f"got values in {int(bins.min())}..{int(bins.max())}; for pixel values 0..255 "
+                "use input='pixels'"
+            )
+        return bins
     if images.is_floating_point():
         if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
             raise ValueError(
-                "float images must hold intensities in [0, 1] (e.g. torchvision ToTensor()); "
-                "pass uint8 pixels 0..255 or integer bins otherwise"
+                "input='pixels' with a float tensor expects intensities in [0, 1] (e.g. "
+                "torchvision ToTensor()); pass uint8 pixels 0..255 otherwise"
             )
         images = torch.round(images * 255).to(torch.uint8)
+    elif images.dtype != torch.uint8:
+        raise TypeError(
+            f"input='pixels' expects uint8 pixels 0..255 or float intensities in [0, 1], got "
+            f"{images.dtype}; convert pixels with .to(torch.uint8), or pass precomputed bins "
+            "(spike_bridge.data.BinPixels) with input='bins'"
+        )
     return bin_pixels(images.reshape(images.shape[0], 1, -1), n_bins)
 
 
@@ -53,19 +79,23 @@ def binned_latency_encode(
     generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
+    input: str = "pixels",
 ) -> Spikes:
     """The reference's time-to-first-spike image encoding (see ``BinnedLatencyEncoder``).
 
     Args:
-        images: ``[B, *]`` uint8 pixels, float intensities in ``[0, 1]`` or integer bins.
+        images: ``[B, *]``: with ``input="pixels"`` uint8 pixels 0..255 or float intensities in
+            ``[0, 1]``; with ``input="bins"`` integer bins in ``0..n_bins`` (from
+            :class:`spike_bridge.data.BinPixels`; ``n_bins`` never spikes).
         n_bins: spiking bins; T: trial duration; flip_probability: input noise.
         dtype, device: of the spike times (default: the default dtype, the images' device).
+        input: ``"pixels"`` or ``"bins"``: what ``images`` holds (never guessed from the dtype).
 
     Returns:
         :class:`Spikes` with ``times [B, N, 1]`` and the fused ``binned`` form.
     """
     device = images.device if device is None else device
-    bins = _pixel_bins(images, n_bins).to(device)
+    bins = _pixel_bins(images, n_bins, input).to(device)
     if flip_probability > 0:
         bins = flip_bins(bins, flip_probability, n_bins, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype

@@ -28,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from jax_kernels import layers as kernel_layers
 from jax_kernels.models import LIF, MODELS, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
 from spike_bridge.bridge import jax_function, register_static_type
-from spike_bridge.functional import binned_latency_encode, latency_encode
+from spike_bridge.functional import ENCODER_INPUTS, binned_latency_encode, latency_encode
 from spike_bridge.spikes import Spikes
 
 __all__ = [
@@ -460,30 +460,39 @@ class BinnedLatencyEncoder(_Encoder):
         n_bins: number of spiking bins. T: trial duration.
         flip_probability: in training mode, each input's bin is flipped (``i -> n_bins - i``) with
             this probability (the reference's input noise, 0.02); off in ``eval()``.
+        input: what the encoder is given, never guessed from the dtype: ``"pixels"`` (default):
+            ``uint8`` pixels 0-255 or float intensities in ``[0, 1]``, ``[B, *]``; ``"bins"``:
+            integer bins ``[B, N]`` in ``0..n_bins`` computed beforehand, e.g. by
+            :class:`spike_bridge.data.BinPixels` in a dataset transform.
 
-    Input: ``uint8`` pixels ``[B, *]`` (0-255), float intensities in ``[0, 1]`` ``[B, *]``, or
-    precomputed integer bins ``[B, N]`` (``int64``/``int32``, e.g. from
-    :class:`spike_bridge.data.BinPixels`). Output: :class:`Spikes` ``[B, N, 1]``.
+    Output: :class:`Spikes` ``[B, N, 1]``.
     """
 
     def __init__(self, n_bins: int = 1, T: float = 2.0, flip_probability: float = 0.0,
-                 device=None, dtype=None):
+                 input: str = "pixels", device=None, dtype=None):
         super().__init__(T, device, dtype)
         if not 1 <= n_bins <= 99:
             raise ValueError(f"n_bins must be between 1 and 99, got {n_bins}")
         if not 0 <= flip_probability <= 1:
             raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
+        if input not in ENCODER_INPUTS:
+            raise ValueError(
+                f"input must be 'pixels' (uint8 0..255 or float in [0, 1]) or 'bins' "
+                f"(precomputed bin indices), got {input!r}"
+            )
         self.n_bins, self.flip_probability = int(n_bins), float(flip_probability)
+        self.input = input
 
     def forward(self, images: torch.Tensor) -> Spikes:
         return binned_latency_encode(
             images, self.n_bins, self.T,
             flip_probability=self.flip_probability if self.training else 0.0,
-            dtype=self._anchor.dtype, device=self._anchor.device,
+            dtype=self._anchor.dtype, device=self._anchor.device, input=self.input,
         )
 
     def extra_repr(self) -> str:
-        return f"n_bins={self.n_bins}, T={self.T}, flip_probability={self.flip_probability}"
+        return (f"n_bins={self.n_bins}, T={self.T}, flip_probability={self.flip_probability}, "
+                f"input={self.input!r}")
 
 
 class LatencyEncoder(_Encoder):
@@ -509,6 +518,20 @@ class LatencyEncoder(_Encoder):
         return f"T={self.T}, scale={self.scale}"
 
 
+def _pseudospike_times(spikes: Spikes, readout: nn.Module) -> torch.Tensor:
+    """``spikes.filled_times``, refusing inputs without pseudospikes: their silent neurons read
+    ``+inf``, so a loss on them is inf/NaN and nothing can learn to make them spike."""
+    if spikes.filled_times is None:
+        raise ValueError(
+            f"{type(readout).__name__}(pseudo=True): the layer before has no pseudospike times "
+            "(a LIFLinear layer, a layer with pseudo=False, or an encoder), so silent neurons "
+            "would read +inf; use a model with pseudodynamics (ThetaLinear, QIFLinear, "
+            f"OscLIFLinear) as the last layer, or {type(readout).__name__}(pseudo=False) for "
+            "ordinary spikes only"
+        )
+    return spikes.filled_times
+
+
 class FirstSpikeTime(nn.Module):
     r"""Readout: each neuron's first spike time ``[B, N]``.
 
@@ -523,7 +546,7 @@ class FirstSpikeTime(nn.Module):
 
     def forward(self, spikes: Spikes) -> torch.Tensor:
         if self.pseudo:
-            return spikes.with_pseudospikes()[..., 0]
+            return _pseudospike_times(spikes, self)[..., 0]
         return torch.clamp(spikes.times[..., 0], max=spikes.T)
 
     def extra_repr(self) -> str:
@@ -542,7 +565,7 @@ class SpikeTimes(nn.Module):
         self.k, self.pseudo = int(k), pseudo
 
     def forward(self, spikes: Spikes) -> torch.Tensor:
-        times = spikes.with_pseudospikes() if self.pseudo else spikes.times
+        times = _pseudospike_times(spikes, self) if self.pseudo else spikes.times
         if times.shape[-1] < self.k:
             raise ValueError(
                 f"SpikeTimes(k={self.k}): the layer before keeps only {times.shape[-1]} spikes "

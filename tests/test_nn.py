@@ -585,9 +585,9 @@ def test_binned_encoder_accepts_pixels_intensities_and_bins():
     reference = encoder(pixels)
     assert reference.times.shape == (3, 64, 1)
     assert set(reference.binned.bin_index.unique().tolist()) == {0, 1, 2, 3}
-    for images in (pixels.float() / 255, pixels.double() / 255,
-                   bin_pixels(pixels.reshape(3, 1, 64), 3).to(torch.int64)):
-        other = encoder(images)
+    bins = bin_pixels(pixels.reshape(3, 1, 64), 3)
+    for other in (encoder(pixels.float() / 255), encoder(pixels.double() / 255),
+                  BinnedLatencyEncoder(n_bins=3, T=T, input="bins")(bins)):
         assert torch.equal(other.times, reference.times)
         assert torch.equal(other.binned.bin_index, reference.binned.bin_index)
         assert other.binned.bin_times == reference.binned.bin_times and other.T == T
@@ -598,6 +598,22 @@ def test_binned_encoder_accepts_pixels_intensities_and_bins():
     assert (bin_times.diff() > 0).all() and bin_times[-1] < T
     for b in range(3):
         assert torch.equal(times[bins == b].unique(), bin_times[b:b + 1])
+
+
+def test_binned_encoder_never_guesses_pixels_or_bins_from_the_dtype():
+    """Pixel 255 as int64 used to be read as bin 255, i.e. "never spikes"."""
+    bright = torch.full((1, 4), 255, dtype=torch.int64)
+    for dtype in (torch.int16, torch.int32, torch.int64):
+        with pytest.raises(TypeError, match=r"input='pixels' expects uint8 .*input='bins'"):
+            BinnedLatencyEncoder(n_bins=1, T=T)(bright.to(dtype))
+    with pytest.raises(ValueError, match=r"bin indices in 0..n_bins=1 .*got values in 255..255"):
+        BinnedLatencyEncoder(n_bins=1, T=T, input="bins")(bright)
+    with pytest.raises(TypeError, match=r"input='bins' expects integer bin indices"):
+        BinnedLatencyEncoder(n_bins=1, T=T, input="bins")(bright.float() / 255)
+    with pytest.raises(ValueError, match=r"input must be 'pixels' .* or 'bins'"):
+        BinnedLatencyEncoder(n_bins=1, T=T, input="guess")
+    spikes = BinnedLatencyEncoder(n_bins=1, T=T)(bright.to(torch.uint8))
+    assert (spikes.times < T).all()  # bright pixels spike
 
 
 def test_binned_encoder_flips_only_in_train_mode():

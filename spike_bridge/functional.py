@@ -107,14 +107,25 @@ def latency_encode(features: torch.Tensor, T: float, scale: float = 1.0) -> Spik
     """Differentiable latency encoding ``t = T exp(-x / scale)``: ``[B, *]`` -> ``[B, N, 1]``.
 
     ``x <= 0`` gives ``t >= T``, i.e. no spike in the trial; spikes move continuously to the trial
-    end as ``x -> 0``.
+    end as ``x -> 0``. An input spike that leaves the trial must act on the next layer like a
+    hidden neuron's spike leaving it (arXiv 2309.14523): its direct input of weight ``w`` just
+    before ``T`` is replaced by a pseudo drive ``w r`` with pseudo rate ``r = 1``, just as a
+    neuron about to spike has pseudo phase ``Theta``. So inputs outside the trial get the pseudo
+    rate ``r = T / t = exp(x / scale)`` (1 at ``x = 0``, decaying for ``x < 0``); inputs inside
+    it, like neurons that have just spiked, ``r = 0``. For models whose input pulses add up
+    (theta: ``H(H(phi, w), d) = H(phi, w + d)``; QIF: currents add) the first (pseudo)spike is
+    then continuous at ``x = 0``.
     """
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
     if features.dim() < 2:
         raise ValueError(f"features must have a batch axis [B, *], got {list(features.shape)}")
-    times = T * torch.exp(-features.flatten(1) / scale)
-    return Spikes(times[..., None], T)
+    scaled = features.flatten(1) / scale
+    times = T * torch.exp(-scaled)
+    outside = scaled <= 0
+    # exp only of x <= 0: no overflow (and no NaN gradient) where the rate is not used.
+    pseudo_rate = torch.where(outside, torch.exp(torch.where(outside, scaled, 0.0)), 0.0)
+    return Spikes(times[..., None], T, pseudo_rate=pseudo_rate)
 
 
 def first_spike_cross_entropy(

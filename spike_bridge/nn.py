@@ -416,10 +416,11 @@ class QIFRecurrent(nn.Module):
         )
         most_spikes, incomplete = _host_ints(out.spike_count.max(), (out.end_time < self.T).sum())
         if incomplete:
+            needed = self._events_needed(spikes)
             raise BufferOverflowError(
                 f"{self._name()}: max_events={self.max_events} event steps did not reach the "
-                f"trial end in {incomplete} samples; increase max_events (e.g. to "
-                f"{2 * self.max_events})"
+                f"trial end in {incomplete} samples; this batch needs {needed}: construct the "
+                f"layer with max_events>={needed}"
             )
         if most_spikes > self.max_spikes:
             raise BufferOverflowError(
@@ -429,6 +430,24 @@ class QIFRecurrent(nn.Module):
         return Spikes(out.spike_times, self.T,
                       filled_times=out.filled_times if self.pseudo else None,
                       spike_count=out.spike_count)
+
+    def _events_needed(self, spikes: Spikes) -> int:
+        """Event steps ``spikes`` needs (only called after an overflow): reruns without gradient
+        with growing buffers until every sample reaches ``T``, then counts one step per input
+        spike and per network spike in the trial, plus the last step, to ``T``."""
+        max_events = self.max_events
+        with torch.no_grad():
+            while True:
+                max_events *= 4
+                out = _recurrent_kernel(
+                    self.recurrent_weight * self._off_diagonal, self.input_weight,
+                    self.initial_state, spikes.times, model=self.model, T=self.T,
+                    max_events=max_events, max_spikes=self.max_spikes, pseudo=False,
+                )
+                if bool((out.end_time >= self.T).all()) or max_events >= 1 << 24:
+                    break
+            steps = (spikes.times < self.T).sum((1, 2)) + out.spike_count.sum(-1) + 1
+        return int(steps.max())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_neurons={self.num_neurons}, "

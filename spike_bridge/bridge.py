@@ -817,6 +817,9 @@ class JaxFunction:
         inputs' device, in the dtype JAX computed.
         """
         if torch.compiler.is_compiling():
+            # nonstrict_trace refuses None inputs: top-level None arguments cross as a marker.
+            args = tuple(_NONE_ARGUMENT if a is None else a for a in args)
+            kwargs = {k: _NONE_ARGUMENT if v is None else v for k, v in kwargs.items()}
             return _call_via_custom_ops(self.registry_name, args, kwargs)
         return self._call_eager(args, kwargs)
 
@@ -828,6 +831,9 @@ class JaxFunction:
             outputs = entry.run_forward(tensors)
         return jax.tree_util.tree_unflatten(entry.out_treedef, outputs)
 
+    # Disabled for dynamo: should dynamo ever trace this as a frame of its own (a graph break
+    # before the nonstrict-traced entry point), it must run it as Python, not trace JAX calls.
+    @torch.compiler.disable
     def _call_via_custom_ops(self, args: tuple, kwargs: dict) -> Any:
         """The same call through the spike_bridge::jax_* custom ops (used under torch.compile;
         callable eagerly as well, e.g. to compare both paths)."""
@@ -1041,10 +1047,24 @@ def _pack_namedtuples(tree: Any) -> Any:
     return tree
 
 
+@dataclasses.dataclass(frozen=True)
+class _NoneArgument:
+    """Stands for a ``None`` argument while it crosses ``nonstrict_trace`` (which refuses None)."""
+
+
+_NONE_ARGUMENT = register_static_type(_NoneArgument)()
+
+
+def _restore_none(value: Any) -> Any:
+    return None if isinstance(value, _NoneArgument) else value
+
+
 @torch.compiler.nonstrict_trace
 def _call_via_custom_ops(function_name: str, args: tuple, kwargs: dict) -> Any:
     """torch.compile entry point: dynamo does not trace into this function (it cannot trace JAX);
     AOTAutograd runs it on fake tensors, which records the spike_bridge::jax_* custom ops."""
+    args = tuple(_restore_none(a) for a in args)
+    kwargs = {k: _restore_none(v) for k, v in kwargs.items()}
     outputs = _FUNCTION_REGISTRY[function_name]._call_via_custom_ops(args, kwargs)
     return _pack_namedtuples(outputs)
 

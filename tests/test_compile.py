@@ -145,8 +145,10 @@ def _step(net, images, labels):
     return [first.detach(), loss.detach(), *torch.autograd.grad(loss, list(net.parameters()))]
 
 
-@pytest.mark.parametrize("fullgraph", [False, pytest.param(True, marks=NEEDS_NN_WITHOUT_HOST_READS)],
-                         ids=["graph_breaks", "fullgraph"])
+@pytest.mark.parametrize(
+    "fullgraph", [False, pytest.param(True, marks=NEEDS_NN_WITHOUT_HOST_READS)],
+    ids=["graph_breaks", "fullgraph"],
+)
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_compiled_network_equals_eager(name, fullgraph, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))

@@ -111,6 +111,7 @@ def build_mlp(
     n_bins: int = 1,
     T: float = 2.0,
     flip_probability: float = 0.0,
+    encoder_input: str = "bins",
     w_scale: float = 0.5,
     max_spikes: int = 8,
     model_params: Optional[Mapping[str, float]] = None,
@@ -131,6 +132,8 @@ def build_mlp(
         n_bins: input time bins of the encoder (1 = binary image).
         T: trial duration, in units of the neurons' time constant.
         flip_probability: the encoder's input noise in training mode (reference: 0.02).
+        encoder_input: what the network is fed: ``"bins"`` (``spike_bridge.data.BinPixels`` in
+            the dataset transform, as ``mnist.py`` does) or ``"pixels"``.
         w_scale: initial weight scale.
         max_spikes: initial spike buffer per neuron (:func:`record_layers` grows it if needed).
         model_params: neuron parameters overriding the layer class defaults, e.g.
@@ -153,7 +156,8 @@ def build_mlp(
     layer_class = NEURON_MODELS[key]
     factory = {"device": device, "dtype": dtype}
     layers: list[nn.Module] = [
-        BinnedLatencyEncoder(n_bins=n_bins, T=T, flip_probability=flip_probability, **factory)
+        BinnedLatencyEncoder(n_bins=n_bins, T=T, flip_probability=flip_probability,
+                             input=encoder_input, **factory)
     ]
     for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         is_output = index == len(sizes) - 2

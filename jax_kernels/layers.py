@@ -98,6 +98,51 @@ def event_buffer_sizes(
     return max_events, max_input_spikes
 
 
+#: Output fields with a neuron axis (``[B, N]``, ``[B, N, K]`` or ``[B, D, N]``).
+_PER_NEURON_OUTPUTS = ("spike_times", "spike_count", "final_state", "filled_times", "pseudo_rate")
+
+
+def _nan_where_invalid(output: NamedTuple, invalid: Array) -> NamedTuple:
+    """Outputs of neurons whose parameters or inputs hold NaN/inf, set to NaN (counts to 0).
+
+    A NaN compares false, so inside the simulation it reads as "no spike" and would come out as
+    plausible finite times (silent neurons, pseudospikes from a clipped phase); marking the
+    affected outputs NaN afterwards makes bad values visible instead. Spike counts become 0 so
+    that garbage counts cannot raise a misleading buffer overflow.
+
+    Args:
+        output: a batched :class:`LayerOutput` or :class:`NetworkOutput`.
+        invalid: ``[B, N]`` bool, broadcastable.
+    """
+    invalid = jnp.broadcast_to(invalid, output.spike_count.shape)
+    replaced = {}
+    for name, value in output._asdict().items():
+        if name not in _PER_NEURON_OUTPUTS:
+            continue
+        if name == "final_state":
+            mask = invalid[:, None, :]
+        elif value.ndim == 3:
+            mask = invalid[..., None]
+        else:
+            mask = invalid
+        fill = 0 if jnp.issubdtype(value.dtype, jnp.integer) else jnp.nan
+        replaced[name] = jnp.where(mask, jnp.asarray(fill, value.dtype), value)
+    return output._replace(**replaced)
+
+
+def _invalid_neurons(weights: Array, initial_state: Array) -> Array:
+    """``[N]``: neurons with a non-finite weight or initial state."""
+    return jnp.any(~jnp.isfinite(weights), axis=-1) | jnp.any(~jnp.isfinite(initial_state), axis=0)
+
+
+def _invalid_samples(input_times: Array, input_rate: Optional[Array]) -> Array:
+    """``[B]``: samples with a NaN input time or a non-finite input pseudo rate."""
+    invalid = jnp.any(jnp.isnan(input_times), axis=tuple(range(1, input_times.ndim)))
+    if input_rate is not None:
+        invalid = invalid | jnp.any(~jnp.isfinite(input_rate), axis=-1)
+    return invalid
+
+
 def _layer_from_events(
     model: NeuronModel,
     events: BatchEvents,
@@ -161,8 +206,13 @@ def spiking_layer(
             :func:`fused_input_events`), ``max_spikes`` the output buffer ``K`` per neuron.
     """
     events = fused_input_events(input_times, weights, T, max_events, max_input_spikes)
-    return _layer_from_events(model, events, weights, initial_state, input_rate, T, max_spikes,
-                              pseudo)
+    output = _layer_from_events(model, events, weights, initial_state, input_rate, T, max_spikes,
+                                pseudo)
+    invalid = (
+        _invalid_samples(input_times, input_rate)[:, None]
+        | _invalid_neurons(weights, initial_state)[None, :]
+    )
+    return _nan_where_invalid(output, invalid)
 
 
 def binned_spiking_layer(
@@ -187,7 +237,9 @@ def binned_spiking_layer(
         bin_times: ascending spike time of each bin (static tuple).
     """
     events = binned_input_events(bin_index, jnp.asarray(bin_times, weights.dtype), weights)
-    return _layer_from_events(model, events, weights, initial_state, None, T, max_spikes, pseudo)
+    output = _layer_from_events(model, events, weights, initial_state, None, T, max_spikes,
+                                pseudo)
+    return _nan_where_invalid(output, _invalid_neurons(weights, initial_state)[None, :])
 
 
 class NetworkOutput(NamedTuple):
@@ -243,7 +295,12 @@ def recurrent_spiking_network(
             result.spike_times, result.spike_count, result.final_state, filled, result.end_time
         )
 
-    return jax.vmap(one_sample)(input_times)
+    output = jax.vmap(one_sample)(input_times)
+    # Recurrence spreads a bad weight or state to every neuron of the sample.
+    invalid = jnp.any(_invalid_neurons(network_weights, initial_state)) | jnp.any(
+        _invalid_neurons(input_weights, initial_state)
+    )
+    return _nan_where_invalid(output, (_invalid_samples(input_times, None) | invalid)[:, None])
 
 
 def block_feedforward_network(

@@ -31,6 +31,7 @@ Importing this module enables ``jax_enable_x64`` so that float64 tensors stay fl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -49,7 +50,7 @@ import torch.utils.dlpack
 
 jax.config.update("jax_enable_x64", True)
 
-__all__ = ["jax_function", "JaxFunction", "BridgeCacheInfo"]
+__all__ = ["jax_function", "JaxFunction", "BridgeCacheInfo", "register_static_type"]
 
 _PREFIX = "spike_bridge.bridge"
 DOUBLE_BACKWARD_MESSAGE = (
@@ -816,6 +817,9 @@ class JaxFunction:
         inputs' device, in the dtype JAX computed.
         """
         if torch.compiler.is_compiling():
+            # nonstrict_trace refuses None inputs: top-level None arguments cross as a marker.
+            args = tuple(_NONE_ARGUMENT if a is None else a for a in args)
+            kwargs = {k: _NONE_ARGUMENT if v is None else v for k, v in kwargs.items()}
             return _call_via_custom_ops(self.registry_name, args, kwargs)
         return self._call_eager(args, kwargs)
 
@@ -827,6 +831,9 @@ class JaxFunction:
             outputs = entry.run_forward(tensors)
         return jax.tree_util.tree_unflatten(entry.out_treedef, outputs)
 
+    # Disabled for dynamo: should dynamo ever trace this as a frame of its own (a graph break
+    # before the nonstrict-traced entry point), it must run it as Python, not trace JAX calls.
+    @torch.compiler.disable
     def _call_via_custom_ops(self, args: tuple, kwargs: dict) -> Any:
         """The same call through the spike_bridge::jax_* custom ops (used under torch.compile;
         callable eagerly as well, e.g. to compare both paths)."""
@@ -982,11 +989,84 @@ def _check_tensor_dtype(tensor: torch.Tensor, argument_name: str) -> None:
     )
 
 
+def register_static_type(cls: type) -> type:
+    """Let instances of the frozen dataclass ``cls`` be static arguments under ``torch.compile``.
+
+    Under compilation arguments cross ``torch.compiler.nonstrict_trace`` through torch's pytree,
+    which knows scalars, strings and containers but not arbitrary classes. Registering ``cls``
+    there (its fields become leaves, rebuilt into an equal instance on the other side) makes it
+    pass; JAX's pytree is unaffected, so on the JAX side the instance stays one static leaf.
+    Idempotent; returns ``cls`` (usable as a class decorator).
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(
+            f"{_PREFIX}.register_static_type: {cls!r} is not a dataclass; register other types "
+            "with torch.utils._pytree.register_pytree_node"
+        )
+    if not cls.__dataclass_params__.frozen:
+        raise TypeError(
+            f"{_PREFIX}.register_static_type: {cls.__qualname__} must be a frozen dataclass "
+            "(static arguments are hashed and must not change)"
+        )
+    with _ENTRY_REGISTRY_LOCK:
+        if cls not in torch.utils._pytree.SUPPORTED_NODES:
+            torch.utils._pytree.register_dataclass(cls)
+    return cls
+
+
+class _NamedTupleBox:
+    """Carries a NamedTuple output out of the nonstrict-traced entry point.
+
+    Dynamo fails to rebuild NamedTuples returned by a ``nonstrict_trace`` function (torch's
+    pytree files them all under the key ``collections.namedtuple``, a lookup dynamo does not
+    trace: a KeyError in ``tree_unflatten``). Outputs hold this box instead; its registered
+    unflatten builds the original NamedTuple, so callers get the same output as in eager mode.
+    """
+
+    __slots__ = ("cls", "values")
+
+    def __init__(self, cls: type, values: tuple):
+        self.cls, self.values = cls, values
+
+
+torch.utils._pytree.register_pytree_node(
+    _NamedTupleBox,
+    lambda box: (list(box.values), box.cls),
+    lambda values, cls: cls(*values),
+    serialized_type_name=f"{__name__}._NamedTupleBox",
+)
+
+
+def _pack_namedtuples(tree: Any) -> Any:
+    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
+        return _NamedTupleBox(type(tree), tuple(_pack_namedtuples(v) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_pack_namedtuples(v) for v in tree)
+    if isinstance(tree, dict):
+        return type(tree)((k, _pack_namedtuples(v)) for k, v in tree.items())
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoneArgument:
+    """Stands for a ``None`` argument while it crosses ``nonstrict_trace`` (which refuses None)."""
+
+
+_NONE_ARGUMENT = register_static_type(_NoneArgument)()
+
+
+def _restore_none(value: Any) -> Any:
+    return None if isinstance(value, _NoneArgument) else value
+
+
 @torch.compiler.nonstrict_trace
 def _call_via_custom_ops(function_name: str, args: tuple, kwargs: dict) -> Any:
     """torch.compile entry point: dynamo does not trace into this function (it cannot trace JAX);
     AOTAutograd runs it on fake tensors, which records the spike_bridge::jax_* custom ops."""
-    return _FUNCTION_REGISTRY[function_name]._call_via_custom_ops(args, kwargs)
+    args = tuple(_restore_none(a) for a in args)
+    kwargs = {k: _restore_none(v) for k, v in kwargs.items()}
+    outputs = _FUNCTION_REGISTRY[function_name]._call_via_custom_ops(args, kwargs)
+    return _pack_namedtuples(outputs)
 
 
 def jax_function(

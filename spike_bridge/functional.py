@@ -26,22 +26,48 @@ __all__ = [
 ]
 
 
-def _pixel_bins(images: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """``[B, *]`` uint8 pixels, float intensities in [0, 1] or integer bins -> bins ``[B, N]``."""
+#: What ``binned_latency_encode`` can be given: pixel values, or bins computed beforehand.
+ENCODER_INPUTS = ("pixels", "bins")
+
+
+def _pixel_bins(images: torch.Tensor, n_bins: int, input: str) -> torch.Tensor:
+    """``[B, *]`` pixels (``input="pixels"``) or precomputed bins (``"bins"``) -> bins ``[B, N]``.
+
+    The meaning is never guessed from the dtype: an int64 tensor holds pixel values to one caller
+    and bins to another, and reading 255 as a bin silently means "never spikes".
+    """
+    if input not in ENCODER_INPUTS:
+        raise ValueError(f"input must be one of {ENCODER_INPUTS}, got {input!r}")
     if images.dim() < 2:
         raise ValueError(f"images must have a batch axis, shape [B, *], got {list(images.shape)}")
-    if images.dtype in (torch.int64, torch.int32, torch.int16):
+    if input == "bins":
+        if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
+            raise TypeError(
+                f"input='bins' expects integer bin indices (e.g. from "
+                f"spike_bridge.data.BinPixels), got {images.dtype}; for pixel values use "
+                "input='pixels'"
+            )
         bins = images.flatten(1).to(torch.int64)
-        if bins.numel() and (int(bins.min()) < 0):
-            raise ValueError("precomputed input bins must be >= 0")
-        return bins.clamp(max=n_bins)
+        if bins.numel() and (int(bins.min()) < 0 or int(bins.max()) > n_bins):
+            raise ValueError(
+                f"input='bins' expects bin indices in 0..n_bins={n_bins} (n_bins: never spikes), "
+                f"got values in {int(bins.min())}..{int(bins.max())}; for pixel values 0..255 "
+                "use input='pixels'"
+            )
+        return bins
     if images.is_floating_point():
         if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
             raise ValueError(
-                "float images must hold intensities in [0, 1] (e.g. torchvision ToTensor()); "
-                "pass uint8 pixels 0..255 or integer bins otherwise"
+                "input='pixels' with a float tensor expects intensities in [0, 1] (e.g. "
+                "torchvision ToTensor()); pass uint8 pixels 0..255 otherwise"
             )
         images = torch.round(images * 255).to(torch.uint8)
+    elif images.dtype != torch.uint8:
+        raise TypeError(
+            f"input='pixels' expects uint8 pixels 0..255 or float intensities in [0, 1], got "
+            f"{images.dtype}; convert pixels with .to(torch.uint8), or pass precomputed bins "
+            "(spike_bridge.data.BinPixels) with input='bins'"
+        )
     return bin_pixels(images.reshape(images.shape[0], 1, -1), n_bins)
 
 
@@ -53,19 +79,23 @@ def binned_latency_encode(
     generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
+    input: str = "pixels",
 ) -> Spikes:
     """The reference's time-to-first-spike image encoding (see ``BinnedLatencyEncoder``).
 
     Args:
-        images: ``[B, *]`` uint8 pixels, float intensities in ``[0, 1]`` or integer bins.
+        images: ``[B, *]``: with ``input="pixels"`` uint8 pixels 0..255 or float intensities in
+            ``[0, 1]``; with ``input="bins"`` integer bins in ``0..n_bins`` (from
+            :class:`spike_bridge.data.BinPixels`; ``n_bins`` never spikes).
         n_bins: spiking bins; T: trial duration; flip_probability: input noise.
         dtype, device: of the spike times (default: the default dtype, the images' device).
+        input: ``"pixels"`` or ``"bins"``: what ``images`` holds (never guessed from the dtype).
 
     Returns:
         :class:`Spikes` with ``times [B, N, 1]`` and the fused ``binned`` form.
     """
     device = images.device if device is None else device
-    bins = _pixel_bins(images, n_bins).to(device)
+    bins = _pixel_bins(images, n_bins, input).to(device)
     if flip_probability > 0:
         bins = flip_bins(bins, flip_probability, n_bins, generator)
     dtype = torch.get_default_dtype() if dtype is None else dtype
@@ -77,14 +107,25 @@ def latency_encode(features: torch.Tensor, T: float, scale: float = 1.0) -> Spik
     """Differentiable latency encoding ``t = T exp(-x / scale)``: ``[B, *]`` -> ``[B, N, 1]``.
 
     ``x <= 0`` gives ``t >= T``, i.e. no spike in the trial; spikes move continuously to the trial
-    end as ``x -> 0``.
+    end as ``x -> 0``. An input spike that leaves the trial must act on the next layer like a
+    hidden neuron's spike leaving it (arXiv 2309.14523): its direct input of weight ``w`` just
+    before ``T`` is replaced by a pseudo drive ``w r`` with pseudo rate ``r = 1``, just as a
+    neuron about to spike has pseudo phase ``Theta``. So inputs outside the trial get the pseudo
+    rate ``r = T / t = exp(x / scale)`` (1 at ``x = 0``, decaying for ``x < 0``); inputs inside
+    it, like neurons that have just spiked, ``r = 0``. For models whose input pulses add up
+    (theta: ``H(H(phi, w), d) = H(phi, w + d)``; QIF: currents add) the first (pseudo)spike is
+    then continuous at ``x = 0``.
     """
     if not features.is_floating_point():
         raise TypeError(f"features must be floating point, got {features.dtype}")
     if features.dim() < 2:
         raise ValueError(f"features must have a batch axis [B, *], got {list(features.shape)}")
-    times = T * torch.exp(-features.flatten(1) / scale)
-    return Spikes(times[..., None], T)
+    scaled = features.flatten(1) / scale
+    times = T * torch.exp(-scaled)
+    outside = scaled <= 0
+    # exp only of x <= 0: no overflow (and no NaN gradient) where the rate is not used.
+    pseudo_rate = torch.where(outside, torch.exp(torch.where(outside, scaled, 0.0)), 0.0)
+    return Spikes(times[..., None], T, pseudo_rate=pseudo_rate)
 
 
 def first_spike_cross_entropy(

@@ -26,9 +26,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from jax_kernels import layers as kernel_layers
-from jax_kernels.models import LIF, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
-from spike_bridge.bridge import jax_function
-from spike_bridge.functional import binned_latency_encode, latency_encode
+from jax_kernels.models import LIF, MODELS, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
+from spike_bridge.bridge import jax_function, register_static_type
+from spike_bridge.functional import ENCODER_INPUTS, binned_latency_encode, latency_encode
 from spike_bridge.spikes import Spikes
 
 __all__ = [
@@ -62,6 +62,9 @@ _recurrent_kernel = jax_function(
     kernel_layers.recurrent_spiking_network,
     static_argnames=("model", "T", "max_events", "max_spikes", "pseudo"),
 )
+# The models are static kernel arguments; under torch.compile they must cross torch's pytree.
+for _model_type in MODELS.values():
+    register_static_type(_model_type)
 
 
 class BufferOverflowError(RuntimeError):
@@ -206,6 +209,7 @@ class SpikingLinear(nn.Module):
             raise ValueError(f"T (trial duration) must be positive, got {T}")
         if max_spikes < 1:
             raise ValueError(f"max_spikes must be at least 1, got {max_spikes}")
+        register_static_type(type(model))  # a user-defined model class too
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.model, self.T, self.max_spikes = model, float(T), int(max_spikes)
@@ -412,10 +416,11 @@ class QIFRecurrent(nn.Module):
         )
         most_spikes, incomplete = _host_ints(out.spike_count.max(), (out.end_time < self.T).sum())
         if incomplete:
+            needed = self._events_needed(spikes)
             raise BufferOverflowError(
                 f"{self._name()}: max_events={self.max_events} event steps did not reach the "
-                f"trial end in {incomplete} samples; increase max_events (e.g. to "
-                f"{2 * self.max_events})"
+                f"trial end in {incomplete} samples; this batch needs {needed}: construct the "
+                f"layer with max_events>={needed}"
             )
         if most_spikes > self.max_spikes:
             raise BufferOverflowError(
@@ -425,6 +430,24 @@ class QIFRecurrent(nn.Module):
         return Spikes(out.spike_times, self.T,
                       filled_times=out.filled_times if self.pseudo else None,
                       spike_count=out.spike_count)
+
+    def _events_needed(self, spikes: Spikes) -> int:
+        """Event steps ``spikes`` needs (only called after an overflow): reruns without gradient
+        with growing buffers until every sample reaches ``T``, then counts one step per input
+        spike and per network spike in the trial, plus the last step, to ``T``."""
+        max_events = self.max_events
+        with torch.no_grad():
+            while True:
+                max_events *= 4
+                out = _recurrent_kernel(
+                    self.recurrent_weight * self._off_diagonal, self.input_weight,
+                    self.initial_state, spikes.times, model=self.model, T=self.T,
+                    max_events=max_events, max_spikes=self.max_spikes, pseudo=False,
+                )
+                if bool((out.end_time >= self.T).all()) or max_events >= 1 << 24:
+                    break
+            steps = (spikes.times < self.T).sum((1, 2)) + out.spike_count.sum(-1) + 1
+        return int(steps.max())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_neurons={self.num_neurons}, "
@@ -456,30 +479,39 @@ class BinnedLatencyEncoder(_Encoder):
         n_bins: number of spiking bins. T: trial duration.
         flip_probability: in training mode, each input's bin is flipped (``i -> n_bins - i``) with
             this probability (the reference's input noise, 0.02); off in ``eval()``.
+        input: what the encoder is given, never guessed from the dtype: ``"pixels"`` (default):
+            ``uint8`` pixels 0-255 or float intensities in ``[0, 1]``, ``[B, *]``; ``"bins"``:
+            integer bins ``[B, N]`` in ``0..n_bins`` computed beforehand, e.g. by
+            :class:`spike_bridge.data.BinPixels` in a dataset transform.
 
-    Input: ``uint8`` pixels ``[B, *]`` (0-255), float intensities in ``[0, 1]`` ``[B, *]``, or
-    precomputed integer bins ``[B, N]`` (``int64``/``int32``, e.g. from
-    :class:`spike_bridge.data.BinPixels`). Output: :class:`Spikes` ``[B, N, 1]``.
+    Output: :class:`Spikes` ``[B, N, 1]``.
     """
 
     def __init__(self, n_bins: int = 1, T: float = 2.0, flip_probability: float = 0.0,
-                 device=None, dtype=None):
+                 input: str = "pixels", device=None, dtype=None):
         super().__init__(T, device, dtype)
         if not 1 <= n_bins <= 99:
             raise ValueError(f"n_bins must be between 1 and 99, got {n_bins}")
         if not 0 <= flip_probability <= 1:
             raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
+        if input not in ENCODER_INPUTS:
+            raise ValueError(
+                f"input must be 'pixels' (uint8 0..255 or float in [0, 1]) or 'bins' "
+                f"(precomputed bin indices), got {input!r}"
+            )
         self.n_bins, self.flip_probability = int(n_bins), float(flip_probability)
+        self.input = input
 
     def forward(self, images: torch.Tensor) -> Spikes:
         return binned_latency_encode(
             images, self.n_bins, self.T,
             flip_probability=self.flip_probability if self.training else 0.0,
-            dtype=self._anchor.dtype, device=self._anchor.device,
+            dtype=self._anchor.dtype, device=self._anchor.device, input=self.input,
         )
 
     def extra_repr(self) -> str:
-        return f"n_bins={self.n_bins}, T={self.T}, flip_probability={self.flip_probability}"
+        return (f"n_bins={self.n_bins}, T={self.T}, flip_probability={self.flip_probability}, "
+                f"input={self.input!r}")
 
 
 class LatencyEncoder(_Encoder):
@@ -505,6 +537,20 @@ class LatencyEncoder(_Encoder):
         return f"T={self.T}, scale={self.scale}"
 
 
+def _pseudospike_times(spikes: Spikes, readout: nn.Module) -> torch.Tensor:
+    """``spikes.filled_times``, refusing inputs without pseudospikes: their silent neurons read
+    ``+inf``, so a loss on them is inf/NaN and nothing can learn to make them spike."""
+    if spikes.filled_times is None:
+        raise ValueError(
+            f"{type(readout).__name__}(pseudo=True): the layer before has no pseudospike times "
+            "(a LIFLinear layer, a layer with pseudo=False, or an encoder), so silent neurons "
+            "would read +inf; use a model with pseudodynamics (ThetaLinear, QIFLinear, "
+            f"OscLIFLinear) as the last layer, or {type(readout).__name__}(pseudo=False) for "
+            "ordinary spikes only"
+        )
+    return spikes.filled_times
+
+
 class FirstSpikeTime(nn.Module):
     r"""Readout: each neuron's first spike time ``[B, N]``.
 
@@ -519,7 +565,7 @@ class FirstSpikeTime(nn.Module):
 
     def forward(self, spikes: Spikes) -> torch.Tensor:
         if self.pseudo:
-            return spikes.with_pseudospikes()[..., 0]
+            return _pseudospike_times(spikes, self)[..., 0]
         return torch.clamp(spikes.times[..., 0], max=spikes.T)
 
     def extra_repr(self) -> str:
@@ -538,7 +584,7 @@ class SpikeTimes(nn.Module):
         self.k, self.pseudo = int(k), pseudo
 
     def forward(self, spikes: Spikes) -> torch.Tensor:
-        times = spikes.with_pseudospikes() if self.pseudo else spikes.times
+        times = _pseudospike_times(spikes, self) if self.pseudo else spikes.times
         if times.shape[-1] < self.k:
             raise ValueError(
                 f"SpikeTimes(k={self.k}): the layer before keeps only {times.shape[-1]} spikes "

@@ -131,11 +131,49 @@ class NeuronModel(ABC):
 
         (x, t_neuron), times = lax.scan(one_spike, (x, t_neuron), None, length=n_slots)
         count = jnp.sum(jnp.isfinite(times), axis=0, dtype=jnp.int32)
-        next_dt = self.next_spike_dt(x)
-        count = count + (t_neuron + next_dt < t_end)
-        # With a spike still pending (overflow) stop at it: flows are only valid up to a spike.
-        x = self.flow(x, jnp.minimum(t_end - t_neuron, next_dt))
-        return x, times.T, count
+        # Spikes beyond the n_slots (an overflow) are counted by a forward-only loop, so that the
+        # count is the true need (a buffer size that fits) and later intervals start from the
+        # true state. Without overflow its condition is false at once.
+        x_rest, t_rest, extra = self._count_remaining_spikes(
+            lax.stop_gradient(x), lax.stop_gradient(t_neuron), t_end
+        )
+        overflow = extra > 0
+        # With a spike still pending stop at it: flows are only valid up to a spike.
+        x = self.flow(x, jnp.minimum(t_end - t_neuron, self.next_spike_dt(x)))
+        x_true = self.flow(x_rest, jnp.minimum(t_end - t_rest, self.next_spike_dt(x_rest)))
+        x = jnp.where(overflow, x_true, x)
+        return x, times.T, count + extra
+
+    #: Iteration cap of :meth:`_count_remaining_spikes` (a degenerate state whose next spike is
+    #: always due at once must not loop forever; the count is then a lower bound).
+    max_counted_spikes: ClassVar[int] = 1 << 20
+
+    def _count_remaining_spikes(
+        self, x: Array, t_neuron: Array, t_end: Array
+    ) -> tuple[Array, Array, Array]:
+        """Run the spikes still due before ``t_end`` without recording them (no gradient).
+
+        Returns the states right after the last of them, their times and their number ``[N]``.
+        """
+
+        def due(x, t):
+            return t + self.next_spike_dt(x) < t_end
+
+        def condition(carry):
+            x, t, _, iteration = carry
+            return jnp.any(due(x, t)) & (iteration < self.max_counted_spikes)
+
+        def body(carry):
+            x, t, n, iteration = carry
+            dt = self.next_spike_dt(x)
+            spikes = t + dt < t_end
+            dt = jnp.where(spikes, dt, 0.0)
+            x = jnp.where(spikes, self.spike_reset(x, dt), x)
+            return x, t + dt, n + spikes.astype(jnp.int32), iteration + 1
+
+        init = (x, t_neuron, jnp.zeros(t_neuron.shape, jnp.int32), jnp.zeros((), jnp.int32))
+        x, t_neuron, n, _ = lax.while_loop(condition, body, init)
+        return x, t_neuron, n
 
 
 class PseudoNeuronModel(NeuronModel):

@@ -133,7 +133,15 @@ class QIF(PseudoNeuronModel):
 
     # -- pseudodynamics ------------------------------------------------------------------------
     def _pseudo_root(self, pseudo_current: Array) -> Array:
-        return jnp.sqrt(self.alpha * jax.nn.softplus(pseudo_current / self.alpha))
+        # For strongly negative currents softplus underflows (I_p < -7e3 alpha/10 in float64,
+        # -9e2 in float32) and c = 0 gives inf / inf = NaN pseudo phases; even above that, the
+        # chain rule through tau pi / c multiplies 1/c^3 by a zero and overflows to NaN. c^2 is
+        # therefore floored at sqrt(tiny) (1.5e-154 in float64, 1.1e-19 in float32), where pseudo
+        # periods are already astronomically long (tau pi / c = 2.6e77 tau in float64, 3e10 tau
+        # in float32) and their gradient zero; above the floor nothing changes.
+        squared = self.alpha * jax.nn.softplus(pseudo_current / self.alpha)
+        floor = jnp.sqrt(jnp.finfo(jnp.result_type(squared)).tiny)
+        return jnp.sqrt(jnp.where(squared < floor, floor, squared))
 
     def pseudo_period(self, pseudo_current: Array) -> Array:
         """Pseudo period ``Theta_p = tau pi / c``."""

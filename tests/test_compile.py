@@ -1,0 +1,175 @@
+"""torch.compile of bridged spiking kernels and of whole networks: outputs and gradients equal
+eager mode, overflow is still reported.
+
+The tests use the ``aot_eager`` backend: dynamo and AOTAutograd are what meet the bridge (the
+nonstrict-traced entry point, the custom ops' fake kernels, their autograd registration); the
+default backend, inductor, only compiles the torch code around them differently, at several times
+the compile time (``benchmarks/compile.py`` measures it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from jax_kernels import layers as kernel_layers
+from jax_kernels.models import Theta
+from spike_bridge.bridge import jax_function
+from spike_bridge.functional import first_spike_cross_entropy
+from spike_bridge.nn import (
+    BinnedLatencyEncoder,
+    BufferOverflowError,
+    FirstSpikeTime,
+    ThetaLinear,
+)
+from spike_bridge.spikes import Spikes
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+T = 2.0
+
+# What nn.py's forward still does under fullgraph=True: it reads event and spike counts on the
+# host (buffer sizing, overflow check), a data-dependent branch dynamo cannot put in one graph.
+# Owned by the nn.py rework (issue 11: device-side overflow flags, remembered buffer sizes); the
+# bridge itself compiles with fullgraph=True (test_bridged_layer_kernels_compile_fullgraph).
+NEEDS_NN_WITHOUT_HOST_READS = pytest.mark.xfail(
+    strict=True,
+    raises=(torch._dynamo.exc.UserError,
+            torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode),
+    reason="spike_bridge.nn forward reads counts on the host (GuardOnDataDependentSymNode); "
+           "fullgraph needs the issue-11 rework of nn.py",
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo_cache():
+    """Dynamo caches compiled frames per code object: without a reset a fullgraph compile could
+    reuse the graph-broken frames of an earlier test and pass without one graph."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _assert_same(compiled, eager, what):
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-12, atol=1e-12, msg=what)
+
+
+# ------------------------------------------------------------------------------------------------
+# The bridged kernels with a layer's static configuration (neuron model dataclass, floats, ints,
+# a tuple of bin times; NamedTuple outputs), fullgraph
+# ------------------------------------------------------------------------------------------------
+
+_binned_kernel = jax_function(
+    kernel_layers.binned_spiking_layer,
+    static_argnames=("bin_times", "model", "T", "max_spikes", "pseudo"),
+)
+_kernel = jax_function(
+    kernel_layers.spiking_layer,
+    static_argnames=("model", "T", "max_events", "max_spikes", "pseudo"),
+)
+
+
+def _two_layers(w1, x1, w2, x2, bins, model1, model2):
+    first = _binned_kernel(w1, x1, bins, bin_times=(0.1, 0.6), model=model1, T=T,
+                           max_spikes=4, pseudo=True)
+    second = _kernel(w2, x2, first.spike_times, first.pseudo_rate, model=model2, T=T,
+                     max_events=32, max_spikes=4, pseudo=True)
+    # None (no input pseudo rates) crosses the compiled call as well
+    without_rates = _kernel(w2, x2, first.spike_times, None, model=model2, T=T, max_events=32,
+                            max_spikes=4, pseudo=True)
+    loss = (second.filled_times[..., 0].square().mean() + first.filled_times[..., 0].mean()
+            + without_rates.filled_times[..., 0].mean())
+    return loss, first.spike_count.sum(), second.spike_count.sum()
+
+
+def test_bridged_layer_kernels_compile_fullgraph():
+    generator = torch.Generator().manual_seed(0)
+    w1 = (3 * torch.rand(5, 8, generator=generator, dtype=torch.float64)).requires_grad_()
+    w2 = (3 * torch.rand(3, 5, generator=generator, dtype=torch.float64)).requires_grad_()
+    x1 = torch.full((1, 5), 3.0, dtype=torch.float64, requires_grad=True)
+    x2 = torch.full((1, 3), 1.0, dtype=torch.float64, requires_grad=True)
+    bins = torch.randint(0, 3, (4, 8), generator=generator)
+    # two different static models; Theta compiles much faster in JAX than QIF's generic path
+    arguments = (w1, x1, w2, x2, bins, Theta(tau=6 / torch.pi), Theta(I0=1.5))
+
+    eager_loss, *eager_counts = _two_layers(*arguments)
+    eager_grads = torch.autograd.grad(eager_loss, [w1, x1, w2, x2])
+    compiled = torch.compile(_two_layers, fullgraph=True, backend="aot_eager")
+    loss, *counts = compiled(*arguments)
+    grads = torch.autograd.grad(loss, [w1, x1, w2, x2])
+
+    assert all(c.item() > 0 for c in eager_counts)
+    assert [c.item() for c in counts] == [c.item() for c in eager_counts]
+    _assert_same([loss], [eager_loss], "loss")
+    _assert_same(grads, eager_grads, "gradients")
+    assert all(g.abs().max() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole networks: the README Quick-start network and examples/hybrid_conv.py's model
+# ------------------------------------------------------------------------------------------------
+
+
+def _readme_network() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        BinnedLatencyEncoder(n_bins=1, T=2.0),
+        ThetaLinear(784, 100), ThetaLinear(100, 100), ThetaLinear(100, 10),
+        FirstSpikeTime(),
+    ).double()
+    with torch.no_grad():
+        for layer in net[1:4]:
+            layer.weight.mul_(16)  # active hidden layers, as in a trained network
+    return net
+
+
+def _hybrid_network() -> nn.Module:
+    from hybrid_conv import HybridConvNet  # its forward imports examples/common.py
+
+    torch.manual_seed(0)
+    return HybridConvNet(channels=(4, 8), pool_to=2, hidden=16).double()
+
+
+NETWORKS = {
+    "readme": (_readme_network, lambda: torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)),
+    "hybrid_conv": (_hybrid_network, lambda: torch.rand(4, 1, 28, 28, dtype=torch.float64)),
+}
+
+
+def _step(net, images, labels):
+    first = net(images)
+    loss = first_spike_cross_entropy(first, labels, T=T)
+    return [first.detach(), loss.detach(), *torch.autograd.grad(loss, list(net.parameters()))]
+
+
+@pytest.mark.parametrize(
+    "fullgraph", [False, pytest.param(True, marks=NEEDS_NN_WITHOUT_HOST_READS)],
+    ids=["graph_breaks", "fullgraph"],
+)
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_compiled_network_equals_eager(name, fullgraph, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    make, make_images = NETWORKS[name]
+    net = make()
+    torch.manual_seed(1)
+    images, labels = make_images(), torch.tensor([0, 3, 7, 9])
+    net.eval()  # BatchNorm of the hybrid model: the same statistics in both runs
+    eager = _step(net, images, labels)
+    compiled = torch.compile(net, fullgraph=fullgraph, backend="aot_eager")
+    for _ in range(2):  # the second call runs the cached graphs
+        _assert_same(_step(compiled, images, labels), eager, f"{name} outputs, loss, gradients")
+    assert eager[0].shape == (4, 10)
+    assert all(torch.isfinite(g).all() for g in eager[2:])
+
+
+def test_overflow_is_reported_under_compile():
+    layer = ThetaLinear(4, 3, max_spikes=1, name="hot").double()
+    with torch.no_grad():
+        layer.weight.fill_(8.0)
+    compiled = torch.compile(nn.Sequential(layer, FirstSpikeTime()), backend="aot_eager")
+    times = torch.tensor([[[0.1], [0.5], [0.9], [1.3]]], dtype=torch.float64)
+    with pytest.raises(BufferOverflowError, match=r"^hot: a neuron spiked \d+ times"):
+        compiled(Spikes(times, T))

@@ -802,15 +802,13 @@ def main() -> None:
         f"{args.warmup} warm-up; accuracy on {args.test_samples} test images after "
         f"{args.train_steps} training steps; each row in its own process (peak RSS its own). "
         "Rows are described in `benchmarks/peers.py`.",
-        "",
-        *table(rows),
-        "",
-        "Ratios of median step times:",
-        "",
-        *[f"- {name}: {fmt(value, '.2f')}" for name, value in result["ratios"].items()],
     ]
+    if rows:
+        md += ["", *table(rows), "", "Ratios of median step times:", "",
+               *[f"- {name}: {fmt(value, '.2f')}" for name, value in result["ratios"].items()]]
     if curves:
-        md += ["", "Scaling of the S3 step: `peers_scaling.png` (points in `peers.json`)."]
+        md += ["", f"Scaling of the S3 step (median of {args.scaling_steps} steps after 1 "
+                   "warm-up per point): `peers_scaling.png` (points in `peers.json`)."]
     (args.out / "peers.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -59,7 +59,9 @@ class CoordinateEncoder(nn.Module):
 
     def forward(self, values: torch.Tensor) -> Spikes:
         if values.dim() != 2 or not values.is_floating_point():
-            raise ValueError(f"expected float inputs [B, F], got {values.dtype} {list(values.shape)}")
+            raise ValueError(
+                f"expected float inputs [B, F], got {values.dtype} {list(values.shape)}"
+            )
         if values.numel() and (torch.isnan(values).any() or values.min() < 0 or values.max() > 1):
             raise ValueError("inputs must lie in [0, 1]")
         times = self.t_early + values * (self.t_late - self.t_early)
@@ -114,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="final learning rate as a fraction of --lr (cosine schedule)")
     parser.add_argument("--gamma", type=float, default=5e-2, help="early-spike regulariser")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--out", default=None, help="output folder (default outputs/yin_yang_s<seed>)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default outputs/yin_yang_s<seed>)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     return parser.parse_args(argv)
 
@@ -163,7 +166,8 @@ def main(argv=None) -> Path:
             best = (metrics["accuracy"], copy.deepcopy(net.state_dict()), epoch)
         if not args.quiet:
             h = history[-1]
-            print(f"epoch {epoch:3d}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}"
+            print(f"epoch {epoch:3d}  train loss {h['train_loss']:.4f} "
+                  f"acc {h['train_accuracy']:.4f}"
                   f"  validation acc {h['test_accuracy']:.4f} / ordinary "
                   f"{h['test_accuracy_ordinary']:.4f}  activity {h['test_activity']:.2f}"
                   f"  {h['seconds']:.0f} s", flush=True)
@@ -172,7 +176,8 @@ def main(argv=None) -> Path:
     final = evaluate(net, batches(test, 1000), gamma=args.gamma)
     result = {
         "test_accuracy": final["accuracy"], "test_accuracy_ordinary": final["accuracy_ordinary"],
-        "best_validation_accuracy": best[0], "best_epoch": best[2], "test_activity": final["activity"],
+        "best_validation_accuracy": best[0], "best_epoch": best[2],
+        "test_activity": final["activity"],
         "wall_seconds": wall,
     }
     # The history's "test_*" entries are validation metrics (the names plot_learning_curves reads).

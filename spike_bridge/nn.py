@@ -732,7 +732,8 @@ class SpikingConv2d(nn.Module):
         out = _conv_kernel(
             self.weight, self.clamped_initial_state(), times, rate, model=self.model,
             in_shape=self.in_shape, stride=self.stride, padding=self.padding, T=self.T,
-            max_events=_power_of_two_bucket(n_events), max_spikes=self.max_spikes, pseudo=self.pseudo,
+            max_events=_power_of_two_bucket(n_events), max_spikes=self.max_spikes,
+            pseudo=self.pseudo,
         )
         (most_spikes,) = _host_ints(out.spike_count.max())
         if most_spikes > self.max_spikes:
@@ -802,10 +803,11 @@ class EarliestSpikePool2d(nn.Module):
             )
         k = spikes.times.shape[-1]
         times = self._pool(spikes.times, k)
+        filled, rate = spikes.filled_times, spikes.pseudo_rate
         return Spikes(
             times=times, T=spikes.T,
-            filled_times=None if spikes.filled_times is None else self._pool(spikes.filled_times, k),
-            pseudo_rate=None if spikes.pseudo_rate is None else self._pool(spikes.pseudo_rate, None),
+            filled_times=None if filled is None else self._pool(filled, k),
+            pseudo_rate=None if rate is None else self._pool(rate, None),
             spike_count=(times < spikes.T).sum(-1),
         )
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from spike_bridge.bridge import jax_function  # enables jax_enable_x64
+from spike_bridge.bridge import jax_function
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bridge.json"
 

@@ -40,7 +40,10 @@ from spike_bridge.nn import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import evaluate, plot_learning_curves, write_json  # noqa: E402
+from common import plot_learning_curves  # noqa: E402
+
+from spike_bridge.checkpoint import write_json  # noqa: E402
+from spike_bridge.evaluation import evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +113,10 @@ def main(argv=None) -> Path:
     steps = args.epochs * math.ceil(len(train[1]) / args.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     shuffle = torch.Generator().manual_seed(args.seed)
+
+    def test_loss(first_times, labels):
+        return first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
+
     history, started = [], time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         net.train()
@@ -127,7 +134,7 @@ def main(argv=None) -> Path:
                 seen = step * args.batch_size
                 print(f"epoch {epoch} step {step}: train loss {loss_sum / seen:.4f}, accuracy "
                       f"{correct / seen:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
-        metrics = evaluate(net, batches(*test, 500), gamma=args.gamma)
+        metrics = evaluate(net, batches(*test, 500), test_loss)
         history.append({
             "epoch": epoch, "train_loss": loss_sum / len(train[1]),
             "train_accuracy": correct / len(train[1]), "test_loss": metrics["loss"],

@@ -65,9 +65,9 @@ def main(argv=None) -> float:
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> float:
-    import common
     from spike_bridge.data import BinPixels, load_dataset
     from spike_bridge.functional import first_spike_cross_entropy
+    from spike_bridge.networks import mlp
 
     dataset = load_dataset("mnist", args.data_root, train=True, transform=BinPixels(1),
                            download=False)
@@ -78,7 +78,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> float:
                         drop_last=True)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)  # the same initial model everywhere (DDP also broadcasts it)
-    net = common.build_mlp(args.hidden, "theta", dtype=dtype)
+    net = mlp(args.hidden, "theta", encoder_input="bins", dtype=dtype)
     model = torch.nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 

@@ -39,7 +39,6 @@ layers) and ``model.pt`` into ``--out``; the last line printed is that directory
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -49,7 +48,6 @@ from pathlib import Path
 import spike_bridge  # noqa: F401  (first: passive OpenMP waiting, set before torch loads)
 
 import torch
-from torch import nn
 
 from spike_bridge.data import data_summary, load_dataset, make_loader
 from spike_bridge.functional import first_spike_cross_entropy
@@ -62,119 +60,12 @@ from spike_bridge.functional import first_spike_cross_entropy
 NORMALISATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
 
 
-class HybridConvNet(nn.Module):
-    """Conv front end -> latency encoder -> theta layers -> first-spike readout.
-
-    Args:
-        channels: output channels of the two conv blocks.
-        pool_to: side of the final adaptive max pooling (features = channels[-1] * pool_to**2).
-        hidden: theta neurons in the hidden spiking layer.
-        T: trial duration (theta time units; the reference MNIST setup uses 2).
-        scale: latency scale, spike time ``T exp(-x / scale)`` of a feature ``x > 0``.
-        threshold: features are standardised per channel (BatchNorm without affine parameters)
-            and shifted down by ``threshold``; only features above it spike (0: roughly half of
-            them; 0.5: about 27% in the trained default network).
-        max_spikes: initial spike buffer per theta neuron (doubled when a neuron spikes more
-            often, by ``common.run_growing_buffer``).
-    """
-
-    def __init__(self, channels=(32, 64), pool_to: int = 4, hidden: int = 100, n_classes: int = 10,
-                 T: float = 2.0, scale: float = 0.5, threshold: float = 0.5,
-                 max_spikes: int = 8):
-        from spike_bridge.nn import FirstSpikeTime, LatencyEncoder, ThetaLinear
-
-        super().__init__()
-        c1, c2 = channels
-        self.T = float(T)
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveMaxPool2d(pool_to),
-        )
-        self.norm = nn.BatchNorm2d(c2, affine=False)
-        self.threshold = float(threshold)
-        self.n_features = c2 * pool_to * pool_to
-        self.encoder = LatencyEncoder(T=T, scale=scale)
-        self.hidden = ThetaLinear(self.n_features, hidden, T=T, max_spikes=max_spikes)
-        self.output = ThetaLinear(hidden, n_classes, T=T, max_spikes=max_spikes)
-        self.readout = FirstSpikeTime(pseudo=True)
-
-    def layers(self, images: torch.Tensor):
-        """The spike trains of every spiking stage: encoder, hidden and output layer."""
-        features = self.norm(self.conv(images)) - self.threshold
-        encoded = self.encoder(features)
-        from common import run_growing_buffer  # JAX: main process only, see the imports
-
-        hidden = run_growing_buffer(self.hidden, encoded)
-        return encoded, hidden, run_growing_buffer(self.output, hidden)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.layers(images)[-1])
-
-
-def ordinary_correct(output_spikes, labels: torch.Tensor) -> torch.Tensor:
-    """Correct with ordinary spikes only: the label's neuron spikes in the trial, and first.
-
-    A sample where no output neuron spikes counts as wrong (no prediction).
-    """
-    first = output_spikes.times[..., 0]  # +inf where silent
-    earliest, predicted = first.min(-1)
-    return (predicted == labels) & (earliest < output_spikes.T)
-
-
-def evaluate(net: HybridConvNet, loader, device, gamma: float = 1e-2) -> tuple[dict, dict]:
-    """Test loss and accuracy with pseudospikes and with ordinary spikes only, plus activity.
-
-    Also returns the first test example's spike times in every layer (for the raster plot).
-    """
-    net.eval()
-    example = None
-    totals = dict(loss=0.0, correct=0, correct_ordinary=0, input_spikes=0.0, hidden_spikes=0.0,
-                  output_silent=0.0, n=0)
-    with torch.no_grad():
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            encoded, hidden, output = net.layers(images)
-            first = net.readout(output)
-            if example is None:
-                example = {"layers": [s.times[0] for s in (encoded, hidden, output)],
-                           "label": int(labels[0]), "first_times": first[0]}
-            n = labels.shape[0]
-            totals["loss"] += float(first_spike_cross_entropy(first, labels, net.T, gamma)) * n
-            totals["correct"] += int((first.argmin(-1) == labels).sum())
-            totals["correct_ordinary"] += int(ordinary_correct(output, labels).sum())
-            totals["input_spikes"] += float((encoded.times < net.T).sum())
-            totals["hidden_spikes"] += float(hidden.counts.sum())
-            totals["output_silent"] += float((output.counts.sum(-1) == 0).sum())
-            totals["n"] += n
-    n = max(totals["n"], 1)
-    return example, {
-        "loss": totals["loss"] / n,
-        "acc": totals["correct"] / n,
-        "acc_ordinary": totals["correct_ordinary"] / n,
-        "input_spikes_per_sample": totals["input_spikes"] / n,
-        "hidden_spikes_per_neuron": totals["hidden_spikes"] / n / net.hidden.out_features,
-        "all_outputs_silent_fraction": totals["output_silent"] / n,
-    }
-
-
 def subset(dataset, max_samples, seed: int):
     """A fixed random subset (``None``: the whole dataset)."""
     if max_samples is None or max_samples >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return torch.utils.data.Subset(dataset, order[:max_samples].tolist())
-
-
-def save_raster(example: dict, T: float, path: Path) -> dict:
-    """Raster of one test example through encoder, hidden and output layer."""
-    from spike_bridge import plot
-
-    plot.raster(example["layers"], T, names=["latency input", "hidden (theta)", "output (theta)"],
-                path=path)
-    first = example["first_times"]
-    return {"label": example["label"], "predicted": int(first.argmin()),
-            "output_first_times": [float(t) for t in first]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -217,7 +108,11 @@ def main(argv=None) -> Path:
     from torchvision import transforms
     from tqdm import tqdm
 
+    import common
     from spike_bridge import plot
+    from spike_bridge.checkpoint import write_json
+    from spike_bridge.evaluation import evaluate
+    from spike_bridge.networks import HybridConvNet
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -252,6 +147,9 @@ def main(argv=None) -> Path:
           f"neurons; {sum(p.numel() for p in net.parameters()):,} parameters; "
           f"{len(train_set):,} train / {len(test_set):,} test samples")
 
+    def test_loss(first_times, labels):
+        return first_spike_cross_entropy(first_times, labels, args.T, gamma=args.gamma)
+
     history = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
                                "test_acc_ordinary")}
     epochs = []
@@ -277,28 +175,28 @@ def main(argv=None) -> Path:
             seen += n
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         train_time = time.perf_counter() - start
-        example, test = evaluate(net, test_loader, device, args.gamma)
+        test = evaluate(net, test_loader, test_loss, include_encoders=True)
+        test["input_spikes_per_sample"] = test["activity_per_layer"]["encoder"] * net.n_features
         eval_time = time.perf_counter() - start - train_time
         history["train_loss"].append(loss_sum / seen)
         history["train_acc"].append(correct / seen)
         history["test_loss"].append(test["loss"])
-        history["test_acc"].append(test["acc"])
-        history["test_acc_ordinary"].append(test["acc_ordinary"])
+        history["test_acc"].append(test["accuracy"])
+        history["test_acc_ordinary"].append(test["accuracy_ordinary"])
         epochs.append({"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                        **{f"test_{k}": v for k, v in test.items()},
                        "train_seconds": train_time, "eval_seconds": eval_time,
                        "lr": optimizer.param_groups[0]["lr"]})
         print(f"epoch {epoch}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f} | test "
-              f"loss {test['loss']:.4f} acc {test['acc']:.4f} (ordinary spikes only "
-              f"{test['acc_ordinary']:.4f}) | {test['input_spikes_per_sample']:.0f} input spikes"
-              f"/sample, {test['hidden_spikes_per_neuron']:.2f} spikes/hidden neuron | "
+              f"loss {test['loss']:.4f} acc {test['accuracy']:.4f} (ordinary spikes only "
+              f"{test['accuracy_ordinary']:.4f}) | {test['input_spikes_per_sample']:.0f} input "
+              f"spikes/sample, {test['activity']:.2f} spikes/hidden neuron | "
               f"train {train_time:.0f} s, eval {eval_time:.0f} s", flush=True)
         torch.save(net.state_dict(), out / "model.pt")
         plot.learning_curves(history, path=out / "learning_curves.png")
 
-    if args.epochs < 1:
-        example, _ = evaluate(net, test_loader, device, args.gamma)
-    example = save_raster(example, args.T, out / "raster.png")
+    example_images, example_label = test_set[0]
+    common.plot_example(net, example_images[None].to(device), example_label, out)
     metrics = {
         "config": vars(args),
         "data": {"train": data_summary(train_full), "test": data_summary(test_full),
@@ -310,9 +208,8 @@ def main(argv=None) -> Path:
         "history": history,
         "epochs": epochs,
         "final": epochs[-1] if epochs else None,
-        "raster_example": example,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     if not epochs:
         plot.learning_curves(history, path=out / "learning_curves.png")
     print(out.resolve())

@@ -65,7 +65,20 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 
 
+def buffer_size(text: str):
+    """argparse type of ``--max-spikes``: ``auto`` or a positive int."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    # Here, not at module level: DataLoader workers re-import this script (JAX stays out).
+    from jax_kernels.models import MODELS
+
     parser = argparse.ArgumentParser(
         description="Exact-gradient spiking network on MNIST / Fashion-MNIST (reference setup "
         "by default).",
@@ -89,8 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     net = parser.add_argument_group("network")
     net.add_argument("--hidden", type=int, nargs="*", default=REFERENCE["hidden"],
                      help="hidden layer sizes, e.g. --hidden 100 100")
-    net.add_argument("--model", choices=["theta", "qif", "osclif", "lif"],
-                     default=REFERENCE["model"],
+    net.add_argument("--model", choices=sorted(MODELS), default=REFERENCE["model"],
                      help="neuron model (lif has no pseudospikes: silent neurons get no "
                      "gradient, so it needs a much larger --w-scale, e.g. 10)")
     net.add_argument("--bins", type=int, default=REFERENCE["bins"],
@@ -98,8 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     net.add_argument("--T", type=float, default=REFERENCE["T"], help="trial duration")
     net.add_argument("--w-scale", type=float, default=REFERENCE["w_scale"],
                      help="initial weights uniform in +-w_scale/sqrt(fan_in)")
-    net.add_argument("--max-spikes", type=int, default=8,
-                     help="initial spike buffer per neuron (grows automatically if too small)")
+    net.add_argument("--max-spikes", type=buffer_size, default="auto",
+                     help="spike buffer per neuron: auto (grows as needed) or a fixed size")
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=REFERENCE["epochs"],
@@ -138,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     args = parser.parse_args(argv)
 
-    for option in ("epochs", "batch_size", "eval_batch_size", "bins", "max_spikes"):
+    for option in ("epochs", "batch_size", "eval_batch_size", "bins"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     for option in ("max_train_samples", "max_test_samples"):
@@ -188,22 +200,18 @@ def training_transform(n_bins: int, shift: int = 0):
 def build_optimizer(net, name: str, lr: float, weight_decay: float = 0.0):
     """AdaBelief (the reference's) or Adam, betas 0.9, 0.999.
 
-    Adam is ``torch.optim.AdamW``: ``weight_decay`` shrinks the weight matrices only, not the
-    initial phases (1-D parameters, whose range the layers clamp).
+    Adam is ``torch.optim.AdamW``: ``weight_decay`` shrinks the weight matrices only
+    (:func:`spike_bridge.optim.parameter_groups`), never the initial states.
     """
     import torch
-    from spike_bridge.optim import AdaBelief
+
+    from spike_bridge.optim import AdaBelief, parameter_groups
 
     if name == "adabelief":
         if weight_decay:
             raise ValueError("weight_decay needs the adam optimizer")
         return AdaBelief(net.parameters(), lr=lr, betas=REFERENCE["betas"])
-    weights = [p for p in net.parameters() if p.dim() >= 2]
-    others = [p for p in net.parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": weights, "weight_decay": weight_decay},
-         {"params": others, "weight_decay": 0.0}],
-        lr=lr, betas=REFERENCE["betas"])
+    return torch.optim.AdamW(parameter_groups(net, weight_decay), lr=lr, betas=REFERENCE["betas"])
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -257,7 +265,12 @@ def main(argv=None) -> int:
     # Heavy (JAX) imports only here, in the main process (DataLoader workers re-import this
     # script without running main).
     import common
+    from spike_bridge.checkpoint import load_checkpoint, save_checkpoint, write_json
+    from spike_bridge.data import EpochShuffleSampler
+    from spike_bridge.evaluation import evaluate
     from spike_bridge.functional import first_spike_cross_entropy
+    from spike_bridge.networks import mlp
+    from spike_bridge.optim import ExponentialDecay
 
     # ---------------------------------------------------------------- data
     transform = BinPixels(args.bins)  # picklable; input noise is added by the encoder
@@ -285,7 +298,7 @@ def main(argv=None) -> int:
     if args.max_test_samples is not None and args.max_test_samples < len(test_set):
         test_set = Subset(test_set, range(args.max_test_samples))
     # Shuffled in an order that depends only on (seed, epoch): resumed runs see the same order.
-    train_sampler = common.EpochShuffleSampler(len(train_set), seed=args.seed)
+    train_sampler = EpochShuffleSampler(len(train_set), seed=args.seed)
     train_loader = make_loader(train_set, args.batch_size, shuffle=False, sampler=train_sampler,
                                num_workers=args.workers, seed=args.seed)
     test_loader = make_loader(test_set, args.eval_batch_size, shuffle=False,
@@ -296,15 +309,16 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- model and optimizer
     torch.manual_seed(args.seed)
-    net = common.build_mlp(
+    net = mlp(
         args.hidden, args.model, n_bins=args.bins, T=args.T, flip_probability=args.flip,
-        w_scale=args.w_scale, max_spikes=args.max_spikes, device=device, dtype=dtype,
+        w_scale=args.w_scale, max_spikes=args.max_spikes, encoder_input="bins", device=device,
+        dtype=dtype,
     )
     optimizer = build_optimizer(net, args.optimizer, args.lr, args.weight_decay)
     decay_steps = (int(args.lr_decay_epochs * steps_per_epoch)
                    if 0 < args.lr_decay_epochs < math.inf else math.inf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, common.ExponentialDecay(max(decay_steps, 1)))
+        optimizer, ExponentialDecay(max(decay_steps, 1)))
     sizes = "-".join(str(n) for n in [784, *args.hidden, 10])
     print(f"Network: {sizes} {args.model} neurons, T={args.T}, {args.bins} input bin(s), "
           f"{sum(p.numel() for p in net.parameters()):,} parameters; {args.optimizer} "
@@ -322,7 +336,7 @@ def main(argv=None) -> int:
     history: list[dict] = []
     start_epoch = 0
     if args.resume:
-        checkpoint = common.load_checkpoint(checkpoint_path, model=net, optimizer=optimizer,
+        checkpoint = load_checkpoint(checkpoint_path, model=net, optimizer=optimizer,
                                             scheduler=scheduler)
         if averaged is not None:
             if "ema" not in checkpoint["extra"]:
@@ -345,15 +359,18 @@ def main(argv=None) -> int:
                  "source": data_source, "origin": origin,
                  "train_samples": len(train_set), "test_samples": len(test_set)}
 
-    def write_outputs(example=None) -> None:
-        common.write_json(out_dir / METRICS_NAME, {
+    example_inputs, example_label = test_set[0]
+    example_inputs = torch.as_tensor(example_inputs)[None].to(device)
+
+    def write_outputs(with_example: bool = False) -> None:
+        write_json(out_dir / METRICS_NAME, {
             "config": config, "data": data_info, "steps_per_epoch": steps_per_epoch,
             "epochs_completed": len(history), "history": history,
         })
         if history:
             common.plot_learning_curves(history, out_dir / "learning_curves.png")
-        if example is not None:
-            common.plot_example(example, out_dir)
+        if with_example:
+            common.plot_example(net, example_inputs, example_label, out_dir)
 
     run_start = time.perf_counter()
     elapsed_before = history[-1]["elapsed_s"] if history else 0.0
@@ -369,7 +386,7 @@ def main(argv=None) -> int:
         for inputs, labels in progress:
             step_start = time.perf_counter()
             inputs, labels = inputs.to(device), labels.to(device)
-            first_times, _ = common.record_layers(net, inputs)
+            first_times = net(inputs)
             loss = first_spike_cross_entropy(first_times, labels, args.T, args.gamma,
                                              label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -391,12 +408,12 @@ def main(argv=None) -> int:
         progress.close()
         train_time = time.perf_counter() - epoch_start
 
-        evaluation = common.evaluate(net, test_loader, args.T, gamma=args.gamma,
-                                     record_example=0)
-        example = evaluation.pop("example")
+        def test_loss(first_times, labels):
+            return first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
+
+        evaluation = evaluate(net, test_loader, test_loss)
         if averaged is not None:
-            averaged_evaluation = common.evaluate(averaged.module, test_loader, args.T,
-                                                  gamma=args.gamma)
+            averaged_evaluation = evaluate(averaged.module, test_loader, test_loss)
             evaluation.update({f"{key}_ema": averaged_evaluation[key]
                                for key in ("loss", "accuracy", "accuracy_ordinary")})
         epoch_time = time.perf_counter() - epoch_start
@@ -413,25 +430,16 @@ def main(argv=None) -> int:
             "elapsed_s": elapsed_before + time.perf_counter() - run_start,
         }
         history.append(record)
-        print(
-            f"epoch {epoch}/{args.epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.2%} | test loss {record['test_loss']:.4f} "
-            f"acc {record['test_accuracy']:.2%} with pseudospikes, "
-            f"{record['test_accuracy_ordinary']:.2%} ordinary spikes only | activity "
-            f"{record['test_activity']:.3f} spikes/hidden neuron, silent "
-            f"{record['test_silent_fraction']:.1%} | {record['step_time_s']:.2f} s/step, "
-            f"epoch {epoch_time:.0f} s",
-            flush=True,
-        )
+        print(common.epoch_line(epoch, args.epochs, record), flush=True)
         if averaged is not None:
             print(f"epoch {epoch}/{args.epochs}: averaged weights (EMA {args.ema:g}): test "
                   f"acc {record['test_accuracy_ema']:.2%} with pseudospikes, "
                   f"{record['test_accuracy_ordinary_ema']:.2%} ordinary spikes only", flush=True)
-        common.save_checkpoint(
+        save_checkpoint(
             checkpoint_path, model=net, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
             history=history, config=config,
             extra={"ema": averaged.state_dict()} if averaged is not None else None)
-        write_outputs(example)
+        write_outputs(with_example=True)
 
     if start_epoch >= args.epochs:
         write_outputs()

@@ -34,7 +34,10 @@ from spike_bridge.nn import FirstSpikeTime, ThetaLinear
 from spike_bridge.spikes import Spikes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import evaluate, plot_learning_curves, write_json  # noqa: E402
+from common import plot_learning_curves  # noqa: E402
+
+from spike_bridge.checkpoint import write_json  # noqa: E402
+from spike_bridge.evaluation import evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +143,10 @@ def main(argv=None) -> Path:
         optimizer, T_max=steps, eta_min=args.lr * args.lr_final
     )
     shuffle = torch.Generator().manual_seed(args.seed)
+
+    def test_loss(first_times, labels):
+        return first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
+
     history, best = [], (-1.0, None)
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
@@ -154,7 +161,7 @@ def main(argv=None) -> Path:
             schedule.step()
             loss_sum += float(loss.detach()) * len(labels)
             correct += float((first_times.argmin(-1) == labels).sum())
-        metrics = evaluate(net, batches(validation, 1000), gamma=args.gamma)
+        metrics = evaluate(net, batches(validation, 1000), test_loss)
         history.append({
             "epoch": epoch, "train_loss": loss_sum / len(train),
             "train_accuracy": correct / len(train), "test_loss": metrics["loss"],
@@ -173,7 +180,7 @@ def main(argv=None) -> Path:
                   f"  {h['seconds']:.0f} s", flush=True)
     wall = time.perf_counter() - started
     net.load_state_dict(best[1])
-    final = evaluate(net, batches(test, 1000), gamma=args.gamma)
+    final = evaluate(net, batches(test, 1000), test_loss)
     result = {
         "test_accuracy": final["accuracy"], "test_accuracy_ordinary": final["accuracy_ordinary"],
         "best_validation_accuracy": best[0], "best_epoch": best[2],

@@ -1,1 +1,6 @@
-"""Pure-JAX event-based simulation kernels for spiking neural networks (never imports torch)."""
+"""Pure-JAX event-based kernels of exact-gradient spiking networks (never imports torch)."""
+
+# The models first: jax_kernels.models.theta uses jax_kernels.simulate, which uses
+# jax_kernels.models.base. Loading the models package before anything else lets every module of
+# the package be imported first, in any order.
+import jax_kernels.models  # noqa: F401  (import order, see above)

@@ -1,9 +1,11 @@
 """PyTorch front end for exact-gradient spiking neural networks.
 
 Submodules: ``bridge`` (JAX functions as autograd functions), ``nn`` (layers, encoders,
-readouts), ``functional`` (encoders, losses, metrics), ``data`` (datasets, DataLoader helpers),
-``plot``. They are imported lazily: ``spike_bridge.data`` must stay free of JAX so that DataLoader
-workers start fast and never initialise JAX.
+readouts), ``functional`` (encoders, losses, metrics), ``recording`` (``spike_bridge.record``),
+``evaluation`` (``evaluate``), ``networks`` (ready-made networks), ``optim``, ``checkpoint``,
+``data`` (datasets, DataLoader helpers), ``plot``. They are imported lazily:
+``spike_bridge.data`` must stay free of JAX so that DataLoader workers start fast and never
+initialise JAX.
 """
 
 import importlib
@@ -12,7 +14,10 @@ import importlib
 # policies), no JAX configuration, no global hooks. README "Threads" says how torch's and XLA's
 # thread pools share a CPU and what the measured options are.
 
-__all__ = ["bridge", "data", "functional", "nn", "plot", "Spikes"]
+__all__ = [
+    "bridge", "checkpoint", "data", "evaluation", "functional", "networks", "nn", "optim", "plot", "recording",
+    "record", "Spikes",
+]
 
 
 def __getattr__(name):
@@ -20,6 +25,10 @@ def __getattr__(name):
         from spike_bridge.spikes import Spikes
 
         return Spikes
+    if name == "record":
+        from spike_bridge.recording import record
+
+        return record
     if name in __all__:
         return importlib.import_module(f"spike_bridge.{name}")
     raise AttributeError(f"module 'spike_bridge' has no attribute {name!r}")

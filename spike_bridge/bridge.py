@@ -26,7 +26,9 @@ Under ``torch.compile`` the same cache entries are reached through ``torch.libra
 ``spike_bridge::jax_backward``) whose fake kernels come from ``jax.eval_shape``; the eager path
 avoids the custom-op dispatcher because it costs more per call than the whole bridge.
 
-Importing this module enables ``jax_enable_x64`` so that float64 tensors stay float64.
+JAX runs every bridged call with 64-bit types enabled (``jax.enable_x64``, a thread-local
+scope), so float64 tensors stay float64; JAX's process-wide defaults are left as the user set
+them (importing spike_bridge changes nothing global).
 """
 
 from __future__ import annotations
@@ -48,9 +50,19 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-jax.config.update("jax_enable_x64", True)
+__all__ = [
+    "jax_function", "JaxFunction", "BridgeCacheInfo", "register_static_type", "scoped_x64",
+]
 
-__all__ = ["jax_function", "JaxFunction", "BridgeCacheInfo", "register_static_type"]
+
+def scoped_x64():
+    """Context manager: 64-bit JAX types in this thread, inside the ``with`` block only.
+
+    Every bridged call runs inside it (float64 tensors stay float64 without switching on
+    ``jax_enable_x64`` for the whole process).
+    """
+    return jax.enable_x64(True)
+
 
 _PREFIX = "spike_bridge.bridge"
 DOUBLE_BACKWARD_MESSAGE = (
@@ -336,13 +348,15 @@ _ENTRY_REGISTRY_LOCK = threading.Lock()
 def _on_entry_device(method: Callable) -> Callable:
     """Run an entry method with the entry's CUDA device current for torch (DLPack export and
     the stream handshake use the current device) and as JAX's default device (for anything
-    JAX creates without a committed input). A no-op on CPU."""
+    JAX creates without a committed input), with 64-bit JAX types (:func:`scoped_x64`)."""
 
     @functools.wraps(method)
     def on_device(self: _CacheEntry, *args: Any, **kwargs: Any) -> Any:
         if not self.is_cuda:
-            return method(self, *args, **kwargs)
-        with torch.cuda.device(self.torch_device), jax.default_device(self.jax_device):
+            with scoped_x64():
+                return method(self, *args, **kwargs)
+        with torch.cuda.device(self.torch_device), jax.default_device(self.jax_device), \
+                scoped_x64():
             return method(self, *args, **kwargs)
 
     return on_device
@@ -477,6 +491,7 @@ class _CacheEntry:
             for spec in self.input_specs
         ]
 
+    @_on_entry_device
     def ensure_output_specs(self) -> None:
         if self.output_specs is None:
             jax.eval_shape(self._flat_fn, *self._input_avals())
@@ -484,7 +499,10 @@ class _CacheEntry:
     @property
     def residual_specs(self) -> list[_TensorSpec]:
         if self._residual_specs is None:
-            _, residual_avals = jax.eval_shape(self._flat_fn_with_vjp, *self._input_avals())
+            with scoped_x64():
+                _, residual_avals = jax.eval_shape(
+                    self._flat_fn_with_vjp, *self._input_avals()
+                )
             self._residual_specs = [_spec_of_aval(aval) for aval in residual_avals]
         return self._residual_specs
 

@@ -5,6 +5,7 @@ transforms, and JAX (multithreaded, owns the accelerator) has to stay in the mai
 
 Contents
 --------
+* :class:`EpochShuffleSampler` — resumable shuffling (order depends only on seed and epoch).
 * :func:`load_dataset` — torchvision ``MNIST`` / ``FashionMNIST`` that also work offline.
   The data path is always a real torchvision dataset class reading raw IDX files under
   ``root/<Name>/raw``; the offline fallbacks only *write* such files. Resolution order:
@@ -46,10 +47,10 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-import torchvision
 
 __all__ = [
     "DATASET_NAMES",
+    "EpochShuffleSampler",
     "SOURCES",
     "DEBIAN_FASHION_MNIST_DIR",
     "MNIST_5K_SEED",
@@ -73,6 +74,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+
+def _torchvision():
+    """torchvision, imported on first use: it is an optional extra, needed only for the datasets
+    (``import spike_bridge.nn`` reaches this module through the encoders)."""
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError(
+            "spike_bridge.data.load_dataset needs torchvision: pip install 'spike_bridge[examples]' "
+            "(or pip install torchvision)"
+        ) from error
+    return torchvision
+
 
 # Canonical dataset name -> torchvision class name (= the folder under ``root``).
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -276,7 +290,7 @@ def _try_torchvision_download(cls: type, root: Path, raw: Path) -> tuple[bool, s
         # step (a) of later calls); files that were there before are the user's and stay.
         md5s = dict(cls.resources)
         for path in set(raw.glob("*.gz")) - gz_before:
-            if not torchvision.datasets.utils.check_integrity(str(path), md5s.get(path.name)):
+            if not _torchvision().datasets.utils.check_integrity(str(path), md5s.get(path.name)):
                 path.unlink(missing_ok=True)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return False, f"torchvision download failed: {first_line}"
@@ -420,7 +434,7 @@ def load_dataset(
     canonical = _canonical_name(name)
     allow_network = _download_mode(download)
     class_name = DATASET_NAMES[canonical]
-    cls = getattr(torchvision.datasets, class_name)
+    cls = getattr(_torchvision().datasets, class_name)
     root = Path(root).expanduser()
     raw = _raw_folder(root, class_name)
     attempts: list[str] = []
@@ -659,7 +673,9 @@ class BinPixels:
 
 # Modules the forkserver imports once, so that each worker forked from it starts with torch and
 # torchvision already loaded (a spawned worker re-imports them: about a second each time).
-_FORKSERVER_PRELOAD = ["torch", "torchvision"]
+_FORKSERVER_PRELOAD = ["torch"] + (
+    ["torchvision"] if importlib.util.find_spec("torchvision") is not None else []
+)
 
 
 def loader_context() -> str:
@@ -840,3 +856,29 @@ class YinYangDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, seed={self.seed}, size={len(self)}, "
                 f"r_small={self.r_small}, r_big={self.r_big})")
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Random order of ``range(num_samples)`` that depends only on ``(seed, epoch)``.
+
+    Pass it as the DataLoader's ``sampler`` and call :meth:`set_epoch` before each epoch (as with
+    ``DistributedSampler``). Unlike ``shuffle=True``, whose order depends on how many numbers the
+    loader's generator has handed out before (which differs between a fresh and a persistent
+    worker iterator), a resumed run sees exactly the order of an uninterrupted one.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self.num_samples, self.seed, self.epoch = int(num_samples), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of epoch ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

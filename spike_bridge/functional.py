@@ -21,6 +21,7 @@ __all__ = [
     "binned_latency_encode",
     "first_spike_cross_entropy",
     "latency_encode",
+    "ordinary_accuracy",
     "silent_fraction",
     "spike_time_mse",
 ]
@@ -175,16 +176,60 @@ def spike_time_mse(
     return torch.mean(error**2)
 
 
+def _check_labels(scores: torch.Tensor, labels: torch.Tensor, function: str) -> None:
+    if scores.dim() != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(
+            f"{function}: expected times [B, C] and labels [B], got {list(scores.shape)} and "
+            f"{list(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{function}: labels must be integer class indices, got {labels.dtype}")
+    if labels.numel() and bool(((labels < 0) | (labels >= scores.shape[1])).any()):
+        raise ValueError(
+            f"{function}: labels must be class indices in [0, {scores.shape[1] - 1}] (one per "
+            f"output neuron); got values from {int(labels.min())} to {int(labels.max())}"
+        )
+
+
 def accuracy(first_times: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of samples whose earliest output neuron is the label (``argmin`` over ``[B, C]``)."""
+    """Fraction of samples whose earliest output neuron is the label.
+
+    Args:
+        first_times: ``[B, C]`` first (pseudo)spike times, e.g. from ``FirstSpikeTime()``.
+        labels: ``[B]`` integer classes in ``[0, C)`` (others raise ``ValueError``).
+
+    Ties go to the lowest neuron index (``torch.argmin``'s first minimum). With pseudospikes
+    every output has a finite time, so this is the reference's pseudospike-aware readout.
+    Returns a 0-d tensor (NaN for an empty batch).
+    """
+    _check_labels(first_times, labels, "accuracy")
     return (first_times.argmin(-1) == labels).to(first_times.dtype).mean()
 
 
+def ordinary_accuracy(output: Spikes, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy from ordinary spikes only: the output neuron that spikes first in the trial.
+
+    Args:
+        output: the output layer's :class:`Spikes` (``times [B, C, K]``).
+        labels: ``[B]`` integer classes in ``[0, C)``.
+
+    A sample whose output neurons are all silent (no spike before ``T``) counts as wrong, so an
+    all-silent network scores 0, not the frequency of class 0. Ties between neurons spiking at
+    the same time go to the lowest neuron index, as in :func:`accuracy`.
+    Returns a 0-d tensor (NaN for an empty batch).
+    """
+    first = output.times[..., 0]
+    _check_labels(first, labels, "ordinary_accuracy")
+    spiked = (first < output.T).any(-1)
+    correct = (first.argmin(-1) == labels) & spiked
+    return correct.to(first.dtype).mean()
+
+
 def activity(spikes: Spikes) -> torch.Tensor:
-    """Mean number of ordinary spikes per neuron and sample."""
+    """Mean number of ordinary spikes per neuron and sample (0-d tensor)."""
     return spikes.counts.to(spikes.times.dtype).mean()
 
 
 def silent_fraction(spikes: Spikes) -> torch.Tensor:
-    """Fraction of neurons that spike for no sample of the batch."""
+    """Fraction of neurons that spike for no sample of the batch (0-d tensor)."""
     return (spikes.counts.sum(0) == 0).to(spikes.times.dtype).mean()

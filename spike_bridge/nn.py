@@ -1,7 +1,7 @@
 """Spiking layers, encoders and readouts as ``torch.nn.Module`` drop-ins.
 
-A network is an ``nn.Sequential`` of an encoder, spiking layers and a readout; the layers pass
-:class:`~spike_bridge.spikes.Spikes` values between them::
+A network is an ``nn.Sequential`` (or any module) of an encoder, spiking layers and a readout; the
+layers pass :class:`~spike_bridge.spikes.Spikes` values between them::
 
     net = nn.Sequential(
         BinnedLatencyEncoder(n_bins=1, T=2.0),
@@ -13,21 +13,28 @@ A network is an ``nn.Sequential`` of an encoder, spiking layers and a readout; t
 Each spiking layer simulates its neurons event by event in JAX (exact spike times, exact
 gradients) and computes pseudospike times for missing spikes, so gradient descent can add and
 remove spikes. Times are in units of the neuron time constant ``tau``.
+
+Buffers: a layer keeps at most ``max_spikes`` spikes per neuron (and a recurrent network or a
+layer on continuous input times ``max_events`` events). With ``"auto"`` (the default) the layer
+remembers a size, grows it when a call needs more and reruns that call before anyone reads its
+outputs; the size is saved in ``state_dict()``. A fixed int raises :class:`BufferOverflowError`
+instead. Either way nothing is truncated silently, and the check costs one device-to-host
+transfer per network call: layers hand their outputs on unchecked, and the first read of a
+value (usually by the readout) checks all layers that led to it at once (see
+:class:`~spike_bridge.spikes.Spikes`).
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from jax_kernels import layers as kernel_layers
-from jax_kernels.models import LIF, MODELS, QIF, NeuronModel, OscLIF, PseudoNeuronModel, Theta
-from spike_bridge.bridge import jax_function, register_static_type
+from jax_kernels.models import MODELS, NeuronModel, PseudoNeuronModel, get_model
+from spike_bridge.bridge import jax_function, register_static_type, scoped_x64
 from spike_bridge.functional import ENCODER_INPUTS, binned_latency_encode, latency_encode
 from spike_bridge.spikes import Spikes
 
@@ -44,11 +51,19 @@ __all__ = [
     "SpikeTimes",
     "SpikingConv2d",
     "SpikingLinear",
+    "SpikingRecurrent",
     "ThetaLinear",
+    "spiking_layers",
 ]
 
 #: Event buffers are rounded up to multiples of this, so that recompiles stay rare.
 EVENT_BUCKET = 16
+#: Largest sizes that ``"auto"`` buffers grow to; beyond, BufferOverflowError is raised.
+AUTO_LIMITS = {"max_spikes": 1024, "max_events": 1 << 16, "max_input_spikes": 1 << 20}
+
+#: Layer defaults of neuron models given by name where they differ from the model's own: theta
+#: neurons of the reference MNIST setup (``tau = 6/pi``, so that the free period is 6).
+LAYER_DEFAULTS: dict[str, dict[str, float]] = {"theta": {"tau": 6 / math.pi}}
 
 _layer_kernel = jax_function(
     kernel_layers.spiking_layer,
@@ -66,40 +81,145 @@ _recurrent_kernel = jax_function(
 for _model_type in MODELS.values():
     register_static_type(_model_type)
 
+BufferSize = Union[int, str]
+
 
 class BufferOverflowError(RuntimeError):
-    """A fixed-size spike or event buffer was too small for the data."""
+    """A spike or event buffer was too small for the data.
+
+    Attributes:
+        layer: the spiking layer (module) whose buffer overflowed.
+        buffer: ``"max_spikes"`` (spikes per neuron) or ``"max_events"`` (event steps).
+        needed: a size that fits this call.
+        size: the size the call had.
+    """
+
+    def __init__(self, layer: nn.Module, buffer: str, needed: int, size: int, reason: str = ""):
+        self.layer, self.buffer, self.needed, self.size = layer, buffer, int(needed), int(size)
+        what = reason or (
+            f"a neuron spiked {needed} times" if buffer == "max_spikes"
+            else f"a sample needs {needed} events"
+        )
+        super().__init__(
+            f"{layer._name()}: {what} but {buffer}={size}; construct the layer with "
+            f"{buffer}>={needed}, or {buffer}='auto' to let it grow"
+        )
+
+    def __reduce__(self):
+        return (RuntimeError, (str(self),))
 
 
-def _host_ints(*values: torch.Tensor) -> list[int]:
-    """Several integer scalars from the device in one transfer."""
-    return [int(v) for v in torch.stack([v.to(torch.int64) for v in values]).tolist()]
+def _resolve_model(model: Union[str, NeuronModel], params: dict[str, Any]) -> NeuronModel:
+    """A model instance from a registered name (with ``LAYER_DEFAULTS``) or an instance."""
+    if isinstance(model, str):
+        key = model.lower()
+        if key not in MODELS:
+            raise ValueError(
+                f"unknown neuron model {model!r}; registered models (jax_kernels.models.MODELS): "
+                f"{', '.join(sorted(MODELS))}, or pass a model instance"
+            )
+        return get_model(key, **{**LAYER_DEFAULTS.get(key, {}), **params})
+    if not isinstance(model, NeuronModel):
+        raise TypeError(
+            f"model must be a registered name ({', '.join(sorted(MODELS))}) or a NeuronModel "
+            f"instance, got {type(model).__name__}"
+        )
+    model = model.replace(**params) if params else model
+    register_static_type(type(model))  # under torch.compile static arguments cross torch's pytree
+    return model
 
 
-def _input_event_counts(times: torch.Tensor, T: float) -> tuple[torch.Tensor, ...]:
-    """Most distinct input spike times and most input spikes in the trial of any sample, and
-    the number of invalid (NaN or negative) times: scalars on the tensors' device."""
-    if not times.numel():
-        zero = times.new_zeros((), dtype=torch.int64)
-        return zero, zero, zero
-    flat = times.detach().flatten(1)
-    in_trial = flat < T
-    ordered, _ = torch.sort(torch.where(in_trial, flat, torch.inf), dim=1)
-    distinct = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] < T)
-    n_events = distinct.sum(1) + in_trial.any(1)
-    invalid = (torch.isnan(flat) | (flat < 0)).sum()
-    return n_events.max(), in_trial.sum(1).max(), invalid
+def _buffer_size(name: str, value: BufferSize, initial: int) -> tuple[int, bool]:
+    """``(size, adaptive)`` from ``"auto"`` or a positive int."""
+    if isinstance(value, str) and value == "auto":
+        return initial, True
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be 'auto' or a positive int, got {value!r}")
+    return int(value), False
+
+
+def _rounded(n: int) -> int:
+    """Buffer sizes: powers of two up to :data:`EVENT_BUCKET`, then multiples of it (few
+    compiled shapes), as ``jax_kernels.layers.event_buffer_sizes`` rounds."""
+    n = max(int(n), 1)
+    if n <= EVENT_BUCKET:
+        return 1 << (n - 1).bit_length()
+    return EVENT_BUCKET * -(-n // EVENT_BUCKET)
+
+
+def _host_ints(values: torch.Tensor) -> list:
+    """Integers from the device in one transfer (the only device-to-host read of the layers)."""
+    return values.tolist()
+
+
+#: Entries of a layer call's status vector (int64 on the layer's device): what the call needed
+#: of each buffer, and the number of invalid (NaN or negative) input times.
+_STATUS = ("max_spikes", "max_events", "max_input_spikes", "invalid_inputs")
+
+
+class _LayerCall:
+    """An unchecked call of a spiking layer: what checking it and rerunning it take."""
+
+    __slots__ = ("layer", "input", "status", "sizes", "grad_enabled")
+
+    def __init__(self, layer: "_SpikingLayer", input: Spikes, status: torch.Tensor,
+                 sizes: dict[str, int]):
+        self.layer, self.input, self.status, self.sizes = layer, input, status, sizes
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def check(self, spikes: Spikes) -> None:
+        _check_calls(spikes)
+
+
+def _unchecked_chain(spikes: Spikes) -> list[Spikes]:
+    """The unchecked layer outputs that led to ``spikes``, first layer first."""
+    chain = []
+    while spikes is not None and spikes._call is not None:
+        chain.append(spikes)
+        spikes = spikes._call.input
+    chain.reverse()
+    return chain
+
+
+def _check_calls(spikes: Spikes) -> None:
+    """Check every unchecked layer call behind ``spikes`` with one transfer; rerun overflowed
+    calls (and the calls after them) with grown buffers, then check those again."""
+    while True:
+        chain = _unchecked_chain(spikes)
+        if not chain:
+            return
+        device = chain[-1]._call.status.device
+        rows = _host_ints(torch.stack([s._call.status.to(device) for s in chain]))
+        first_rerun = None
+        for index, (output, row) in enumerate(zip(chain, rows)):
+            call = output._call
+            if call.layer._apply_status(dict(zip(_STATUS, row)), call) and first_rerun is None:
+                first_rerun = index
+        for output in chain[: len(chain) if first_rerun is None else first_rerun]:
+            output._call = None
+        if first_rerun is None:
+            return
+        for output in chain[first_rerun:]:
+            call = output._call
+            with torch.set_grad_enabled(call.grad_enabled):
+                output._assign(call.layer._run(call.input))
+
+
+def spiking_layers(net: nn.Module) -> list[nn.Module]:
+    """The spiking layers of ``net`` (``SpikingLinear``, ``SpikingRecurrent``), in module order."""
+    return [module for module in net.modules() if isinstance(module, _SpikingLayer)]
 
 
 def _check_spikes(spikes: object, layer: nn.Module, n_inputs: int, T: float,
                   dtype: torch.dtype, device: torch.device) -> Spikes:
+    """Checks that need no device read (the values are checked with the layer's status)."""
     if not isinstance(spikes, Spikes):
         raise TypeError(
             f"{layer._name()}: expected a spike_bridge Spikes value (from an encoder or a spiking "
             f"layer), got {type(spikes).__name__}; put an encoder such as BinnedLatencyEncoder "
             "or LatencyEncoder in front of the first spiking layer"
         )
-    times = spikes.times
+    times = spikes._times
     if times.dim() != 3 or times.shape[1] != n_inputs:
         raise ValueError(
             f"{layer._name()}: input spike times must have shape [batch, {n_inputs}, spikes], "
@@ -123,43 +243,178 @@ def _check_spikes(spikes: object, layer: nn.Module, n_inputs: int, T: float,
     return spikes
 
 
-class _BoundedStates:
-    """Keeps learnable initial states inside their valid range under any optimizer.
+def _invalid_times(times: torch.Tensor) -> torch.Tensor:
+    return (torch.isnan(times) | (times < 0)).sum()
 
-    The layers clamp the states they use in ``forward``; this global optimizer post-step hook
-    also projects the parameters themselves (as the reference clips after each step), so that
-    ``state_dict()`` never holds invalid states.
+
+class _SpikingLayer(nn.Module):
+    """What all spiking layers share: the neuron model, initial states kept in the model's
+    valid range, adaptive buffers (saved as extra state) and the check of their calls.
+
+    Subclasses set ``self.model``, ``self.T``, call :meth:`_init_buffers` and
+    :meth:`_init_initial_state`, and implement ``_run(spikes) -> Spikes``.
     """
 
-    layers: "weakref.WeakSet[SpikingLinear]" = weakref.WeakSet()
-    hook = None
+    name: Optional[str]
 
-    @classmethod
-    def register(cls, layer) -> None:
-        cls.layers.add(layer)
-        if cls.hook is None:
-            cls.hook = register_optimizer_step_post_hook(cls._project)
+    def _init_buffers(self, **sizes: tuple[BufferSize, int]) -> None:
+        """``name=(value, initial size)`` for each buffer: ``"auto"`` or a fixed int."""
+        self._adaptive: dict[str, bool] = {}
+        for buffer, (value, initial) in sizes.items():
+            size, adaptive = _buffer_size(buffer, value, initial)
+            setattr(self, buffer, size)
+            self._adaptive[buffer] = adaptive
 
-    @classmethod
-    def _project(cls, optimizer, args, kwargs) -> None:
-        parameters = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for layer in list(cls.layers):
-            if id(layer.initial_state) in parameters:
-                with torch.no_grad():
-                    layer.initial_state.copy_(layer.clamped_initial_state())
+    def _init_initial_state(self, size: int, learnable: bool, factory: dict) -> None:
+        """``initial_state [D, size]`` and the model's state bounds ``[D, 1]`` (buffers)."""
+        import jax.numpy as jnp
+
+        model = self.model
+        with scoped_x64():
+            low = model.clip_state(jnp.full((model.state_size, 1), -jnp.inf))
+            high = model.clip_state(jnp.full((model.state_size, 1), jnp.inf))
+            default = model.default_initial_state(jnp.float64)
+            low, high, default = (
+                [float(v) for v in a.reshape(-1)] for a in (low, high, default)
+            )
+        dtype = factory.get("dtype") or torch.get_default_dtype()
+        device = factory.get("device")
+        self.register_buffer("_state_low", torch.tensor(low, dtype=dtype, device=device)[:, None],
+                             persistent=False)
+        self.register_buffer("_state_high",
+                             torch.tensor(high, dtype=dtype, device=device)[:, None],
+                             persistent=False)
+        self.register_buffer("_default_state",
+                             torch.tensor(default, dtype=dtype, device=device)[:, None],
+                             persistent=False)
+        state = torch.empty(model.state_size, size, **factory)
+        if learnable:
+            self.initial_state = nn.Parameter(state)
+        else:
+            self.register_buffer("initial_state", state)
+
+    # -- initial states ------------------------------------------------------------------------
+
+    def clamped_initial_state(self) -> torch.Tensor:
+        """``initial_state`` projected onto the model's valid range (differentiable inside)."""
+        return torch.clamp(self.initial_state, self._state_low, self._state_high)
+
+    @torch.no_grad()
+    def project_initial_state_(self) -> None:
+        """Project ``initial_state`` onto the model's valid range, in place.
+
+        Called at the start of every forward and by ``state_dict()``, so after any optimizer
+        step the states a call uses, and those a checkpoint holds, are valid (the reference
+        clips after each step); a copy (``copy.deepcopy``, pickle) behaves the same. Works
+        through ``.data``, so graphs of earlier calls that saved the parameter stay valid.
+        """
+        self.initial_state.data.copy_(self.clamped_initial_state().detach())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.project_initial_state_()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    # -- buffers ---------------------------------------------------------------------------------
+
+    def _buffer_repr(self, buffer: str) -> str:
+        size = getattr(self, buffer)
+        return f"{buffer}=auto({size})" if self._adaptive[buffer] else f"{buffer}={size}"
+
+    def get_extra_state(self) -> dict[str, int]:
+        """The current buffer sizes, so that a checkpoint reloads into the same shapes."""
+        return {buffer: int(getattr(self, buffer)) for buffer in self._adaptive}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        """Adopt saved sizes of ``"auto"`` buffers (fixed sizes stay as constructed)."""
+        for buffer, size in dict(state).items():
+            if self._adaptive.get(buffer):
+                setattr(self, buffer, max(int(size), 1))
+
+    def _apply_status(self, status: dict[str, int], call: _LayerCall) -> bool:
+        """React to a call's status: raise for invalid inputs or a fixed buffer that was too
+        small; grow ``"auto"`` buffers that were too small. Returns whether one grew."""
+        if status["invalid_inputs"]:
+            raise ValueError(
+                f"{self._name()}: {status['invalid_inputs']} input spike times are NaN or "
+                "negative; spike times must be >= 0 (use +inf for 'no spike')"
+            )
+        # Grow "auto" buffers first: while any of them was too small, the call's other counts
+        # may be wrong too (e.g. spikes of truncated input events), so a fixed buffer is only
+        # judged by a call whose adaptive buffers fitted.
+        grew, fixed_overflows = False, []
+        for buffer, size in call.sizes.items():
+            needed = status[buffer]
+            if needed <= size:
+                continue
+            if not self._adaptive[buffer]:
+                fixed_overflows.append((buffer, needed, size))
+            elif needed > AUTO_LIMITS[buffer]:
+                raise self._overflow_error(buffer, needed, size, call)
+            else:
+                setattr(self, buffer, max(getattr(self, buffer), self._grown(buffer, needed, size)))
+                grew = True
+        if fixed_overflows and not grew:
+            raise self._overflow_error(*fixed_overflows[0], call)
+        return grew
+
+    def _grown(self, buffer: str, needed: int, size: int) -> int:
+        """A size for ``buffer`` that holds ``needed`` (> ``size``)."""
+        if buffer == "max_spikes":
+            return 1 << max(needed - 1, size).bit_length()  # power of two, > size, >= needed
+        return _rounded(max(needed, size + 1))
+
+    def _overflow_error(self, buffer: str, needed: int, size: int,
+                        call: _LayerCall) -> BufferOverflowError:
+        return BufferOverflowError(self, buffer, self._true_need(buffer, needed, call), size)
+
+    def _true_need(self, buffer: str, needed: int, call: _LayerCall) -> int:
+        """What a call that overflowed ``buffer`` needs. A kernel may report only a lower bound
+        (it stops counting when its buffer is full, or a recurrent run stops early), so this
+        reruns the call without gradient, on this error path only, with larger buffers until
+        it fits."""
+        if call.input is None:
+            return needed
+        saved = {name: getattr(self, name) for name in self._adaptive}
+        trial = self._grown(buffer, needed, needed - 1)
+        try:
+            with torch.no_grad():
+                for _ in range(32):
+                    setattr(self, buffer, trial)
+                    row = _host_ints(self._run(call.input)._call.status)
+                    status = dict(zip(_STATUS, row))
+                    others = [name for name in self._adaptive
+                              if name != buffer and status[name] > getattr(self, name)]
+                    for name in others:  # an adaptive buffer the trial needs as well
+                        setattr(self, name, self._grown(name, status[name], getattr(self, name)))
+                    if others:
+                        continue
+                    needed = status[buffer]
+                    if needed <= trial:  # it fits: the count is exact
+                        break
+                    trial = self._grown(buffer, needed, trial)
+        finally:
+            for name, size in saved.items():
+                setattr(self, name, size)
+        return needed
+
+    def _finish(self, result: Spikes, input: Spikes, status: torch.Tensor,
+                sizes: dict[str, int]) -> Spikes:
+        """Attach the call's status to its output: checked when the output is first read."""
+        result._call = _LayerCall(self, input, status, sizes)
+        return result
+
+    def _name(self) -> str:
+        return self.name or f"{type(self).__name__}({self._sizes_text()})"
+
+    def forward(self, spikes: Spikes) -> Spikes:
+        spikes = self._check_input(spikes)
+        self.project_initial_state_()
+        if spikes._times.shape[0] == 0:
+            return self._empty_output()
+        return self._run(spikes)
 
 
-def _state_bounds(model: NeuronModel) -> tuple[list[float], list[float]]:
-    """Lower and upper bound of each state variable (``-+inf`` where unbounded)."""
-    import jax.numpy as jnp
-
-    size = model.state_size
-    low = model.clip_state(jnp.full((size, 1), -jnp.inf))[:, 0]
-    high = model.clip_state(jnp.full((size, 1), jnp.inf))[:, 0]
-    return [float(v) for v in low], [float(v) for v in high]
-
-
-class SpikingLinear(nn.Module):
+class SpikingLinear(_SpikingLayer):
     r"""Fully connected feedforward layer of spiking neurons (any registered neuron model).
 
     Every input spike reaches every neuron with weight ``weight[i, j]``. The neurons are simulated
@@ -168,61 +423,68 @@ class SpikingLinear(nn.Module):
 
     Args:
         in_features: ``N_in``; out_features: ``N``.
-        model: a neuron model from :mod:`jax_kernels.models` (frozen dataclass).
+        model: a registered model name (``jax_kernels.models.MODELS``: ``"theta"``, ``"qif"``,
+            ``"lif"``, ``"osclif"``) built with ``**model_params`` (theta: ``tau = 6/pi`` unless
+            given), or a neuron model instance.
         T: trial duration.
-        max_spikes: spike buffer per neuron ``K``; more spikes raise :class:`BufferOverflowError`
-            naming a size that fits.
+        max_spikes: spike buffer per neuron ``K``: ``"auto"`` (starts at 8, grows as needed,
+            saved in ``state_dict``) or a fixed int (more spikes raise
+            :class:`BufferOverflowError`).
+        max_events: input event buffer ``E`` for continuous input times (not binned input):
+            ``"auto"`` (starts at 16) or a fixed int.
         w_scale: initial weights are uniform in ``+-w_scale / sqrt(in_features)``.
         pseudo: compute pseudospikes (``False``: ordinary spikes only).
         learn_initial_state: whether the initial states are a ``Parameter`` (else a buffer).
         name: used in error messages (default: class and sizes).
+        **model_params: parameters of a model given by name, e.g. ``tau=1.0, I0=1.5``.
 
     Shapes:
         input: :class:`Spikes` with ``times [B, N_in, K_in]``; output: :class:`Spikes` with
         ``times``/``filled_times`` ``[B, N, K]``, ``pseudo_rate`` and ``spike_count`` ``[B, N]``.
+        ``B = 0`` gives empty outputs of these shapes.
 
     Attributes:
         weight: ``[N, N_in]``. initial_state: ``[D, N]`` states at ``t = 0`` (``D`` =
         ``len(model.state_names)``), kept in the model's valid range.
+        max_spikes, max_events: the current buffer sizes.
     """
+
+    #: Parameters that are weights (for :func:`spike_bridge.optim.parameter_groups`).
+    weight_decay_parameters = ("weight",)
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        model: NeuronModel,
+        model: Union[str, NeuronModel] = "theta",
         T: float = 2.0,
-        max_spikes: int = 8,
+        max_spikes: BufferSize = "auto",
+        max_events: BufferSize = "auto",
         w_scale: float = 0.5,
         pseudo: bool = True,
         learn_initial_state: bool = True,
         name: Optional[str] = None,
         device=None,
         dtype=None,
+        **model_params: float,
     ):
         super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(
-                f"in_features and out_features must be positive, got {in_features}, {out_features}"
-            )
+        for argument, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{argument} must be a positive int, got {value!r}")
         if not T > 0:
             raise ValueError(f"T (trial duration) must be positive, got {T}")
-        if max_spikes < 1:
-            raise ValueError(f"max_spikes must be at least 1, got {max_spikes}")
-        register_static_type(type(model))  # a user-defined model class too
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.model, self.T, self.max_spikes = model, float(T), int(max_spikes)
+        self.model, self.T = _resolve_model(model, model_params), float(T)
         self.w_scale, self.pseudo = float(w_scale), bool(pseudo)
         self.name = name
-        self._state_low, self._state_high = _state_bounds(model)
+        # max_input_spikes: the gathered input spikes of a fused event buffer (internal, always
+        # adaptive; jax_kernels.layers.event_buffer_sizes decides whether it is used).
+        self._init_buffers(max_spikes=(max_spikes, 8), max_events=(max_events, EVENT_BUCKET),
+                           max_input_spikes=("auto", EVENT_BUCKET))
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        state = torch.empty(model.state_size, out_features, **factory)
-        if learn_initial_state:
-            self.initial_state = nn.Parameter(state)
-            _BoundedStates.register(self)
-        else:
-            self.register_buffer("initial_state", state)
+        self._init_initial_state(out_features, learn_initial_state, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -230,124 +492,135 @@ class SpikingLinear(nn.Module):
         bound = self.w_scale / math.sqrt(self.in_features)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
-            default = torch.as_tensor(
-                [float(v) for v in self.model.default_initial_state()], dtype=self.weight.dtype
-            )
-            self.initial_state.copy_(default[:, None].expand_as(self.initial_state))
+            self.initial_state.copy_(self._default_state.expand_as(self.initial_state))
 
-    def clamped_initial_state(self) -> torch.Tensor:
-        """``initial_state`` projected onto the model's valid range (differentiable inside)."""
-        low = torch.tensor(self._state_low, dtype=self.weight.dtype, device=self.weight.device)
-        high = torch.tensor(self._state_high, dtype=self.weight.dtype, device=self.weight.device)
-        return torch.clamp(self.initial_state, low[:, None], high[:, None])
+    def _sizes_text(self) -> str:
+        return f"{self.in_features}->{self.out_features}"
 
-    def _name(self) -> str:
-        return self.name or f"{type(self).__name__}({self.in_features}->{self.out_features})"
+    @property
+    def _pseudo_active(self) -> bool:
+        return self.pseudo and isinstance(self.model, PseudoNeuronModel)
 
-    def forward(self, spikes: Spikes) -> Spikes:
-        spikes = _check_spikes(
+    def _check_input(self, spikes: Spikes) -> Spikes:
+        return _check_spikes(
             spikes, self, self.in_features, self.T, self.weight.dtype, self.weight.device
         )
+
+    def _empty_output(self) -> Spikes:
+        shape = (0, self.out_features, self.max_spikes)
+        empty = self.weight.new_empty(shape)
+        return Spikes(empty, self.T, filled_times=empty if self._pseudo_active else None,
+                      pseudo_rate=self.weight.new_empty(shape[:2]) if self._pseudo_active else None,
+                      spike_count=torch.zeros(shape[:2], dtype=torch.int32,
+                                              device=self.weight.device))
+
+    def _run(self, spikes: Spikes) -> Spikes:
         initial_state = self.clamped_initial_state()
-        pseudo = self.pseudo and isinstance(self.model, PseudoNeuronModel)
-        if spikes.binned is not None and not spikes.times.requires_grad:
+        pseudo = self._pseudo_active
+        times = spikes._times
+        zero = torch.zeros((), dtype=torch.int64, device=self.weight.device)
+        if spikes.binned is not None and not times.requires_grad:
+            sizes = {"max_spikes": self.max_spikes}
             out = _binned_layer_kernel(
                 self.weight, initial_state, spikes.binned.bin_index,
                 bin_times=spikes.binned.bin_times, model=self.model, T=self.T,
                 max_spikes=self.max_spikes, pseudo=pseudo,
             )
+            events_needed, input_spikes_needed, invalid = zero, zero, zero
         else:
-            times = spikes.times
-            n_events, n_spikes, n_invalid = _host_ints(*_input_event_counts(times, self.T))
-            if n_invalid:
-                raise ValueError(
-                    f"{self._name()}: {n_invalid} input spike times are NaN or negative; spike "
-                    "times must be >= 0 (use +inf for 'no spike')"
-                )
-            rate = spikes.pseudo_rate if pseudo else None
-            max_events, max_input_spikes = kernel_layers.event_buffer_sizes(
-                n_events, n_spikes, times.shape[1] * times.shape[2], EVENT_BUCKET
+            slots = times.shape[1] * times.shape[2]
+            _, max_input_spikes = kernel_layers.event_buffer_sizes(
+                self.max_events, self.max_input_spikes, slots, EVENT_BUCKET
             )
+            sizes = {"max_spikes": self.max_spikes, "max_events": self.max_events,
+                     "max_input_spikes": slots if max_input_spikes is None else max_input_spikes}
+            rate = spikes._pseudo_rate if pseudo else None
             out = _layer_kernel(
                 self.weight, initial_state, times, rate, model=self.model, T=self.T,
-                max_events=max_events, max_spikes=self.max_spikes, pseudo=pseudo,
+                max_events=self.max_events, max_spikes=self.max_spikes, pseudo=pseudo,
                 max_input_spikes=max_input_spikes,
             )
-        (most_spikes,) = _host_ints(out.spike_count.max())
-        if most_spikes > self.max_spikes:
-            raise BufferOverflowError(
-                f"{self._name()}: a neuron spiked {most_spikes} times but max_spikes="
-                f"{self.max_spikes}; construct the layer with max_spikes>={most_spikes}"
-            )
-        return Spikes(
+            invalid = _invalid_times(times)
+            # The kernel counts what the inputs need, also beyond the buffers.
+            events_needed, input_spikes_needed = out.n_input_events.max(), out.n_input_spikes.max()
+        status = torch.stack(
+            [out.spike_count.max(), events_needed, input_spikes_needed, invalid]
+        ).to(torch.int64)
+        result = Spikes(
             times=out.spike_times,
             T=self.T,
             filled_times=out.filled_times if pseudo else None,
             pseudo_rate=out.pseudo_rate if pseudo else None,
             spike_count=out.spike_count,
         )
+        return self._finish(result, spikes, status, sizes)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"model={self.model}, T={self.T}, max_spikes={self.max_spikes}, pseudo={self.pseudo}"
+            f"model={self.model}, T={self.T}, {self._buffer_repr('max_spikes')}, "
+            f"pseudo={self.pseudo}"
         )
 
 
 class ThetaLinear(SpikingLinear):
     r"""Feedforward layer of theta neurons, ``tau V' = V(V-1) + I0 + tau sum w delta(t - t_i)``.
 
-    Defaults are the reference MNIST setup: ``tau = 6/pi``, ``I0 = 5/4`` (free period 6),
-    ``T = 2``, initial phases ``Theta/2``, weights uniform ``+-0.5/sqrt(in_features)``.
-    The initial phases (``initial_state [1, N]``) are learnable and kept in ``[0, Theta]``.
+    ``SpikingLinear(..., model="theta")``. Defaults are the reference MNIST setup:
+    ``tau = 6/pi``, ``I0 = 5/4`` (free period 6), ``T = 2``, initial phases ``Theta/2``, weights
+    uniform ``+-0.5/sqrt(in_features)``. The initial phases (``initial_state [1, N]``) are
+    learnable and kept in ``[0, Theta]``.
     """
 
-    def __init__(self, in_features: int, out_features: int, tau: float = 6 / math.pi,
-                 I0: float = 1.25, **kwargs):
-        super().__init__(in_features, out_features, Theta(tau=tau, I0=I0), **kwargs)
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, "theta", **kwargs)
 
 
 class QIFLinear(SpikingLinear):
-    r"""Feedforward layer of QIF neurons with exponential synaptic currents (``tau_s = tau/2``).
+    r"""Feedforward layer of QIF neurons with exponential synaptic currents (``tau_s = tau/2``);
+    ``SpikingLinear(..., model="qif")``.
 
     State ``initial_state [2, N]``: voltage ``V`` and synaptic current ``I`` at ``t = 0``.
     """
 
-    def __init__(self, in_features: int, out_features: int, tau: float = 1.0,
-                 alpha: float = 10.0, **kwargs):
-        super().__init__(in_features, out_features, QIF(tau=tau, alpha=alpha), **kwargs)
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, "qif", **kwargs)
 
 
 class LIFLinear(SpikingLinear):
-    r"""Feedforward layer of current-based LIF neurons (``tau_s = tau/2``, threshold ``V_th``).
+    r"""Feedforward layer of current-based LIF neurons (``tau_s = tau/2``, threshold ``V_th``);
+    ``SpikingLinear(..., model="lif")``.
 
     LIF neurons have no pseudodynamics: silent neurons have no pseudospike times.
     """
 
-    def __init__(self, in_features: int, out_features: int, tau: float = 1.0,
-                 V_th: float = 1.0, **kwargs):
-        super().__init__(in_features, out_features, LIF(tau=tau, V_th=V_th), **kwargs)
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, "lif", **kwargs)
 
 
 class OscLIFLinear(SpikingLinear):
-    r"""Feedforward layer of oscillatory LIF neurons with delta pulses (phase representation)."""
+    r"""Feedforward layer of oscillatory LIF neurons with delta pulses (phase representation);
+    ``SpikingLinear(..., model="osclif")``."""
 
-    def __init__(self, in_features: int, out_features: int, tau: float = 1.0,
-                 I0: float = 1.25, V_th: float = 1.0, **kwargs):
-        super().__init__(in_features, out_features, OscLIF(tau=tau, I0=I0, V_th=V_th), **kwargs)
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, "osclif", **kwargs)
 
 
-class QIFRecurrent(nn.Module):
-    r"""Recurrent network of QIF neurons driven by input spikes; all its neurons' spikes out.
+class SpikingRecurrent(_SpikingLayer):
+    r"""Recurrent network of spiking neurons driven by input spikes; all its neurons' spikes out.
 
-    The network is simulated one event (input or network spike) at a time, ``max_events`` steps.
-    Learnable: recurrent weights (no self-connections), initial states ``[2, N]`` (``V``, ``I``);
-    input weights are learnable if ``learn_input_weights``.
+    The network is simulated one event (input or network spike) at a time, ``max_events`` steps;
+    any registered model works (each has an event-driven next-spike time).
+    Learnable: recurrent weights (no self-connections), initial states ``[D, N]``; input weights
+    are learnable if ``learn_input_weights``.
 
     Args:
         in_features, num_neurons: sizes.
-        T: trial duration; max_events: event steps per trial (inputs plus network spikes);
-        max_spikes: spike buffer per neuron. Too small buffers raise :class:`BufferOverflowError`.
+        model: registered model name (with ``**model_params``) or instance; default ``"qif"``.
+        T: trial duration.
+        max_events: event steps per trial (inputs plus network spikes), ``"auto"`` (starts at
+            128) or a fixed int; max_spikes: spike buffer per neuron, ``"auto"`` (starts at 16)
+            or a fixed int. Fixed buffers that are too small raise :class:`BufferOverflowError`.
         input_weight: initial input weights: a float (all entries) or a tensor ``[N, N_in]``.
         recurrent_scale: initial recurrent weights uniform ``+-scale/sqrt(N)`` (0: start at zero,
             like the reference's experiment).
@@ -355,29 +628,35 @@ class QIFRecurrent(nn.Module):
     Shapes: input :class:`Spikes` ``[B, N_in, K_in]``; output :class:`Spikes` ``[B, N, K]``.
     """
 
-    def __init__(self, in_features: int, num_neurons: int, T: float = 10.0, max_events: int = 500,
-                 max_spikes: int = 16, tau: float = 1.0, alpha: float = 10.0,
+    weight_decay_parameters = ("recurrent_weight", "input_weight")
+
+    def __init__(self, in_features: int, num_neurons: int,
+                 model: Union[str, NeuronModel] = "qif", T: float = 10.0,
+                 max_events: BufferSize = "auto", max_spikes: BufferSize = "auto",
                  input_weight: float | torch.Tensor = 1.0, recurrent_scale: float = 0.0,
                  learn_input_weights: bool = False, pseudo: bool = True,
-                 name: Optional[str] = None, device=None, dtype=None):
+                 name: Optional[str] = None, device=None, dtype=None, **model_params: float):
         super().__init__()
-        for argument, value in [("in_features", in_features), ("num_neurons", num_neurons),
-                                ("max_events", max_events), ("max_spikes", max_spikes)]:
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"QIFRecurrent: `{argument}` must be a positive int, got {value!r}")
+        kind = type(self).__name__
+        for argument, value in [("in_features", in_features), ("num_neurons", num_neurons)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{kind}: `{argument}` must be a positive int, got {value!r}")
         if not T > 0:
-            raise ValueError(f"QIFRecurrent: `T` (trial duration) must be positive, got {T!r}")
+            raise ValueError(f"{kind}: `T` (trial duration) must be positive, got {T!r}")
         if isinstance(input_weight, torch.Tensor) and input_weight.shape not in (
             torch.Size([]), torch.Size([num_neurons, in_features])
         ):
             raise ValueError(
-                f"QIFRecurrent: `input_weight` must be a float or a tensor of shape "
+                f"{kind}: `input_weight` must be a float or a tensor of shape "
                 f"[{num_neurons}, {in_features}], got shape {list(input_weight.shape)}"
             )
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.num_neurons = in_features, num_neurons
-        self.model = QIF(tau=tau, alpha=alpha)
-        self.T, self.max_events, self.max_spikes = float(T), int(max_events), int(max_spikes)
+        self.model, self.T = _resolve_model(model, model_params), float(T)
+        try:
+            self._init_buffers(max_events=(max_events, 128), max_spikes=(max_spikes, 16))
+        except ValueError as error:
+            raise ValueError(f"{kind}: {error}") from None
         self.recurrent_scale, self.pseudo, self.name = float(recurrent_scale), bool(pseudo), name
         self._initial_input_weight = input_weight
         self.recurrent_weight = nn.Parameter(torch.empty(num_neurons, num_neurons, **factory))
@@ -386,7 +665,7 @@ class QIFRecurrent(nn.Module):
             self.input_weight = nn.Parameter(input_weight_tensor)
         else:
             self.register_buffer("input_weight", input_weight_tensor)
-        self.initial_state = nn.Parameter(torch.empty(2, num_neurons, **factory))  # V, I: unbounded
+        self._init_initial_state(num_neurons, True, factory)
         self.register_buffer(
             "_off_diagonal", 1 - torch.eye(num_neurons, **factory), persistent=False
         )
@@ -398,61 +677,63 @@ class QIFRecurrent(nn.Module):
             self.recurrent_weight.uniform_(-bound, bound)
             self.input_weight.copy_(torch.as_tensor(self._initial_input_weight).expand_as(
                 self.input_weight))
-            self.initial_state.zero_()
+            self.initial_state.copy_(self._default_state.expand_as(self.initial_state))
 
-    def _name(self) -> str:
-        return self.name or f"QIFRecurrent({self.in_features}->{self.num_neurons})"
+    def _sizes_text(self) -> str:
+        return f"{self.in_features}->{self.num_neurons}"
 
-    def forward(self, spikes: Spikes) -> Spikes:
-        spikes = _check_spikes(spikes, self, self.in_features, self.T,
-                               self.recurrent_weight.dtype, self.recurrent_weight.device)
-        (n_invalid,) = _host_ints((torch.isnan(spikes.times) | (spikes.times < 0)).sum())
-        if n_invalid:
-            raise ValueError(f"{self._name()}: {n_invalid} input spike times are NaN or negative")
-        out = _recurrent_kernel(
-            self.recurrent_weight * self._off_diagonal, self.input_weight, self.initial_state,
-            spikes.times, model=self.model, T=self.T, max_events=self.max_events,
-            max_spikes=self.max_spikes, pseudo=self.pseudo,
+    @property
+    def _pseudo_active(self) -> bool:
+        return self.pseudo and isinstance(self.model, PseudoNeuronModel)
+
+    def _check_input(self, spikes: Spikes) -> Spikes:
+        return _check_spikes(spikes, self, self.in_features, self.T,
+                             self.recurrent_weight.dtype, self.recurrent_weight.device)
+
+    def _empty_output(self) -> Spikes:
+        shape = (0, self.num_neurons, self.max_spikes)
+        empty = self.recurrent_weight.new_empty(shape)
+        return Spikes(empty, self.T, filled_times=empty if self._pseudo_active else None,
+                      spike_count=torch.zeros(shape[:2], dtype=torch.int32,
+                                              device=empty.device))
+
+    def _run(self, spikes: Spikes) -> Spikes:
+        times = spikes._times
+        sizes = {"max_spikes": self.max_spikes, "max_events": self.max_events}
+        out = self._simulate(times, self.max_events, self._pseudo_active)
+        incomplete = (out.end_time < self.T).any()
+        # Event steps of a complete run: one per input and network spike in the trial, plus
+        # the last step, to T. An incomplete run needs more than it had: ask for twice as many.
+        steps = ((times < self.T).sum((1, 2)) + out.spike_count.sum(-1) + 1).max()
+        events_needed = torch.where(incomplete, 2 * self.max_events, steps)
+        status = torch.stack(
+            [out.spike_count.max(), events_needed, torch.zeros_like(events_needed),
+             _invalid_times(times)]
+        ).to(torch.int64)
+        result = Spikes(out.spike_times, self.T,
+                        filled_times=out.filled_times if self._pseudo_active else None,
+                        spike_count=out.spike_count)
+        return self._finish(result, spikes, status, sizes)
+
+    def _simulate(self, times: torch.Tensor, max_events: int, pseudo: bool):
+        return _recurrent_kernel(
+            self.recurrent_weight * self._off_diagonal, self.input_weight,
+            self.clamped_initial_state(), times, model=self.model, T=self.T,
+            max_events=max_events, max_spikes=self.max_spikes, pseudo=pseudo,
         )
-        most_spikes, incomplete = _host_ints(out.spike_count.max(), (out.end_time < self.T).sum())
-        if incomplete:
-            needed = self._events_needed(spikes)
-            raise BufferOverflowError(
-                f"{self._name()}: max_events={self.max_events} event steps did not reach the "
-                f"trial end in {incomplete} samples; this batch needs {needed}: construct the "
-                f"layer with max_events>={needed}"
-            )
-        if most_spikes > self.max_spikes:
-            raise BufferOverflowError(
-                f"{self._name()}: a neuron spiked {most_spikes} times but max_spikes="
-                f"{self.max_spikes}; construct the layer with max_spikes>={most_spikes}"
-            )
-        return Spikes(out.spike_times, self.T,
-                      filled_times=out.filled_times if self.pseudo else None,
-                      spike_count=out.spike_count)
-
-    def _events_needed(self, spikes: Spikes) -> int:
-        """Event steps ``spikes`` needs (only called after an overflow): reruns without gradient
-        with growing buffers until every sample reaches ``T``, then counts one step per input
-        spike and per network spike in the trial, plus the last step, to ``T``."""
-        max_events = self.max_events
-        with torch.no_grad():
-            while True:
-                max_events *= 4
-                out = _recurrent_kernel(
-                    self.recurrent_weight * self._off_diagonal, self.input_weight,
-                    self.initial_state, spikes.times, model=self.model, T=self.T,
-                    max_events=max_events, max_spikes=self.max_spikes, pseudo=False,
-                )
-                if bool((out.end_time >= self.T).all()) or max_events >= 1 << 24:
-                    break
-            steps = (spikes.times < self.T).sum((1, 2)) + out.spike_count.sum(-1) + 1
-        return int(steps.max())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_neurons={self.num_neurons}, "
-                f"model={self.model}, T={self.T}, max_events={self.max_events}, "
-                f"max_spikes={self.max_spikes}, pseudo={self.pseudo}")
+                f"model={self.model}, T={self.T}, {self._buffer_repr('max_events')}, "
+                f"{self._buffer_repr('max_spikes')}, pseudo={self.pseudo}")
+
+
+class QIFRecurrent(SpikingRecurrent):
+    r"""``SpikingRecurrent(..., model="qif")``: a recurrent network of QIF neurons (``tau``,
+    ``alpha`` as keywords), initial states ``[2, N]`` (``V``, ``I``) starting at zero."""
+
+    def __init__(self, in_features: int, num_neurons: int, **kwargs):
+        super().__init__(in_features, num_neurons, "qif", **kwargs)
 
 
 class _Encoder(nn.Module):
@@ -609,13 +890,6 @@ _conv_kernel = jax_function(
 )
 
 
-def _power_of_two_bucket(n: int) -> int:
-    """Event buffer of a convolution: a power of two (at least :data:`EVENT_BUCKET`). Spike grids
-    give event counts in the hundreds that vary from batch to batch; doubling buckets keep the
-    number of compiled kernels logarithmic, and an empty event step costs only ``C_out k^2``."""
-    return max(EVENT_BUCKET, 1 << max(0, n - 1).bit_length())
-
-
 def _grid_shape(argument: str, value) -> tuple[int, int, int]:
     shape = tuple(value) if isinstance(value, (tuple, list)) else None
     if shape is None or len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
@@ -623,7 +897,7 @@ def _grid_shape(argument: str, value) -> tuple[int, int, int]:
     return shape
 
 
-class SpikingConv2d(nn.Module):
+class SpikingConv2d(_SpikingLayer):
     r"""2-D convolution of theta neurons on spike grids, with exact gradients.
 
     Neuron ``(o, i, j)`` receives input ``(c, y, x)`` with weight ``weight[o, c, y - i s + p,
@@ -637,8 +911,10 @@ class SpikingConv2d(nn.Module):
         in_shape: ``(C_in, H, W)`` of the input grid. out_channels: ``C_out``.
         kernel_size, stride, padding: ints, as in ``torch.nn.Conv2d`` (square kernels).
         tau, I0: theta neuron parameters (defaults: the reference's ``6/pi``, ``5/4``).
-        T, max_spikes, w_scale, pseudo, learn_initial_state, name: as in :class:`SpikingLinear`
-            (initial weights uniform in ``+-w_scale / sqrt(C_in k^2)``).
+        T, max_spikes, max_events, w_scale, pseudo, learn_initial_state, name: as in
+            :class:`SpikingLinear` (``max_events`` counts input spikes; ``"auto"`` event
+            buffers grow in powers of two; initial weights uniform in
+            ``+-w_scale / sqrt(C_in k^2)``).
 
     Shapes:
         input: :class:`Spikes` ``[B, C_in H W, K_in]`` (the grid flattened channel-major);
@@ -650,6 +926,8 @@ class SpikingConv2d(nn.Module):
         kept in ``[0, Theta]``.
     """
 
+    weight_decay_parameters = ("weight",)
+
     def __init__(
         self,
         in_shape: tuple[int, int, int],
@@ -660,7 +938,8 @@ class SpikingConv2d(nn.Module):
         tau: float = 6 / math.pi,
         I0: float = 1.25,
         T: float = 2.0,
-        max_spikes: int = 8,
+        max_spikes: BufferSize = "auto",
+        max_events: BufferSize = "auto",
         w_scale: float = 0.5,
         pseudo: bool = True,
         learn_initial_state: bool = True,
@@ -673,31 +952,24 @@ class SpikingConv2d(nn.Module):
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"`out_channels` must be a positive int, got {out_channels!r}")
         out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, padding)
-        self.model = Theta(tau=tau, I0=I0)
+        self.model = get_model("theta", tau=tau, I0=I0)
         if not 0 < T < self.model.period:
             raise ValueError(
                 f"`T` must be in (0, {self.model.period:g}) (below the theta period, so a "
                 f"neuron spikes at most once between its inputs), got {T!r}"
             )
-        if max_spikes < 1:
-            raise ValueError(f"`max_spikes` must be at least 1, got {max_spikes!r}")
         factory = {"device": device, "dtype": dtype}
         self.out_channels, self.kernel_size = out_channels, kernel_size
         self.stride, self.padding = stride, padding
         self.out_shape = (out_channels, *out_hw)
         self.in_features, self.out_features = math.prod(self.in_shape), math.prod(self.out_shape)
-        self.T, self.max_spikes = float(T), int(max_spikes)
+        self.T = float(T)
+        self._init_buffers(max_spikes=(max_spikes, 8), max_events=(max_events, EVENT_BUCKET))
         self.w_scale, self.pseudo, self.name = float(w_scale), bool(pseudo), name
-        self._state_low, self._state_high = _state_bounds(self.model)
         self.weight = nn.Parameter(
             torch.empty(out_channels, self.in_shape[0], kernel_size, kernel_size, **factory)
         )
-        state = torch.empty(1, out_channels, **factory)
-        if learn_initial_state:
-            self.initial_state = nn.Parameter(state)
-            _BoundedStates.register(self)
-        else:
-            self.register_buffer("initial_state", state)
+        self._init_initial_state(out_channels, learn_initial_state, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -705,54 +977,58 @@ class SpikingConv2d(nn.Module):
         bound = self.w_scale / math.sqrt(self.in_shape[0] * self.kernel_size ** 2)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
-            self.initial_state.fill_(self.model.period / 2)
+            self.initial_state.copy_(self._default_state.expand_as(self.initial_state))
 
-    def clamped_initial_state(self) -> torch.Tensor:
-        """``initial_state`` projected onto ``[0, Theta]`` (differentiable inside)."""
-        return torch.clamp(self.initial_state, self._state_low[0], self._state_high[0])
+    def _sizes_text(self) -> str:
+        return f"{self.in_shape}->{self.out_shape}, k={self.kernel_size}"
 
-    def _name(self) -> str:
-        return self.name or (f"SpikingConv2d({self.in_shape}->{self.out_shape}, "
-                             f"k={self.kernel_size})")
-
-    def forward(self, spikes: Spikes) -> Spikes:
-        spikes = _check_spikes(
+    def _check_input(self, spikes: Spikes) -> Spikes:
+        return _check_spikes(
             spikes, self, self.in_features, self.T, self.weight.dtype, self.weight.device
         )
-        times = spikes.times
-        in_trial = (times < self.T).sum((1, 2)).max() if times.numel() else times.new_zeros(())
-        invalid = (torch.isnan(times) | (times < 0)).sum()
-        n_events, n_invalid = _host_ints(in_trial, invalid)
-        if n_invalid:
-            raise ValueError(
-                f"{self._name()}: {n_invalid} input spike times are NaN or negative; spike "
-                "times must be >= 0 (use +inf for 'no spike')"
-            )
-        rate = spikes.pseudo_rate if self.pseudo else None
+
+    def _empty_output(self) -> Spikes:
+        shape = (0, self.out_features, self.max_spikes)
+        empty = self.weight.new_empty(shape)
+        return Spikes(empty, self.T, filled_times=empty if self.pseudo else None,
+                      pseudo_rate=self.weight.new_empty(shape[:2]) if self.pseudo else None,
+                      spike_count=torch.zeros(shape[:2], dtype=torch.int32,
+                                              device=self.weight.device))
+
+    def _grown(self, buffer: str, needed: int, size: int) -> int:
+        if buffer == "max_spikes":
+            return super()._grown(buffer, needed, size)
+        # Spike grids give event counts in the hundreds that vary from batch to batch; doubling
+        # keeps the number of compiled kernels logarithmic (an empty step costs C_out k^2).
+        return max(EVENT_BUCKET, 1 << (max(needed, size + 1) - 1).bit_length())
+
+    def _run(self, spikes: Spikes) -> Spikes:
+        times = spikes._times
+        rate = spikes._pseudo_rate if self.pseudo else None
+        sizes = {"max_spikes": self.max_spikes, "max_events": self.max_events}
         out = _conv_kernel(
             self.weight, self.clamped_initial_state(), times, rate, model=self.model,
             in_shape=self.in_shape, stride=self.stride, padding=self.padding, T=self.T,
-            max_events=_power_of_two_bucket(n_events), max_spikes=self.max_spikes,
-            pseudo=self.pseudo,
+            max_events=self.max_events, max_spikes=self.max_spikes, pseudo=self.pseudo,
         )
-        (most_spikes,) = _host_ints(out.spike_count.max())
-        if most_spikes > self.max_spikes:
-            raise BufferOverflowError(
-                f"{self._name()}: a neuron spiked {most_spikes} times but max_spikes="
-                f"{self.max_spikes}; construct the layer with max_spikes>={most_spikes}"
-            )
-        return Spikes(
+        events_needed = (times < self.T).sum((1, 2)).max()  # one event per input spike
+        status = torch.stack(
+            [out.spike_count.max(), events_needed, torch.zeros_like(events_needed),
+             _invalid_times(times)]
+        ).to(torch.int64)
+        result = Spikes(
             times=out.spike_times, T=self.T,
             filled_times=out.filled_times if self.pseudo else None,
             pseudo_rate=out.pseudo_rate if self.pseudo else None,
             spike_count=out.spike_count,
         )
+        return self._finish(result, spikes, status, sizes)
 
     def extra_repr(self) -> str:
         return (f"in_shape={self.in_shape}, out_channels={self.out_channels}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
                 f"out_shape={self.out_shape}, model={self.model}, T={self.T}, "
-                f"max_spikes={self.max_spikes}, pseudo={self.pseudo}")
+                f"{self._buffer_repr('max_spikes')}, pseudo={self.pseudo}")
 
 
 class EarliestSpikePool2d(nn.Module):
@@ -796,20 +1072,32 @@ class EarliestSpikePool2d(nn.Module):
             raise TypeError(f"{self}: expected a spike_bridge Spikes value, got "
                             f"{type(spikes).__name__}")
         n_in = math.prod(self.in_shape)
-        if spikes.times.dim() != 3 or spikes.times.shape[1] != n_in:
+        if spikes._times.dim() != 3 or spikes._times.shape[1] != n_in:
             raise ValueError(
                 f"{self}: input spike times must have shape [batch, {n_in}, spikes] (in_shape "
-                f"{self.in_shape} flattened), got {list(spikes.times.shape)}"
+                f"{self.in_shape} flattened), got {list(spikes._times.shape)}"
             )
-        k = spikes.times.shape[-1]
-        times = self._pool(spikes.times, k)
-        filled, rate = spikes.filled_times, spikes.pseudo_rate
-        return Spikes(
+        return self._run(spikes)
+
+    def _run(self, spikes: Spikes) -> Spikes:
+        # Pools the unchecked values and passes the layers' checks on (a rerun of a layer
+        # before reruns this pooling too), so a network is still checked once, at its readout.
+        k = spikes._times.shape[-1]
+        times = self._pool(spikes._times, k)
+        filled, rate = spikes._filled_times, spikes._pseudo_rate
+        result = Spikes(
             times=times, T=spikes.T,
             filled_times=None if filled is None else self._pool(filled, k),
             pseudo_rate=None if rate is None else self._pool(rate, None),
             spike_count=(times < spikes.T).sum(-1),
         )
+        if spikes._call is not None:
+            status = torch.zeros(len(_STATUS), dtype=torch.int64, device=times.device)
+            result._call = _LayerCall(self, spikes, status, {})
+        return result
+
+    def _apply_status(self, status: dict[str, int], call: _LayerCall) -> bool:
+        return False  # no buffers of its own
 
     def extra_repr(self) -> str:
         return (f"in_shape={self.in_shape}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,8 +1,10 @@
-"""Optimizers that the reference trains with but ``torch.optim`` lacks.
+"""Optimizer pieces that the reference trains with but ``torch.optim`` lacks.
 
 :class:`AdaBelief` reproduces ``optax.adabelief`` (the reference's optimizer), so that PyTorch
 training follows the same update rule as the reference's JAX code. Works with any
 ``torch.optim.lr_scheduler`` and with ``state_dict()`` / ``load_state_dict()`` checkpoints.
+:func:`parameter_groups` splits a network's parameters into weights (weight decay) and
+everything else; :class:`ExponentialDecay` is the reference's learning-rate decay.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
+import math
+
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["AdaBelief"]
+__all__ = ["AdaBelief", "ExponentialDecay", "parameter_groups"]
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
@@ -109,3 +114,80 @@ class AdaBelief(Optimizer):
                 s_hat = exp_avg_var / (1.0 - beta2**step)
                 param.addcdiv_(m_hat, s_hat.sqrt_().add_(eps), value=-lr)
         return loss
+
+
+# torch modules whose ``weight`` is a weight matrix / kernel (not a scale, as in norm layers).
+_TORCH_WEIGHT_MODULES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
+
+def _decayed_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of ``module``'s own parameters that are weights (subject to weight decay).
+
+    Spiking layers list theirs in ``weight_decay_parameters`` (initial states are not weights:
+    decaying them would pull the neurons' starting states towards 0, e.g. theta phases towards
+    the spike); torch's linear and convolution layers decay ``weight``.
+    """
+    declared = getattr(type(module), "weight_decay_parameters", None)
+    if declared is not None:
+        return tuple(declared)
+    if isinstance(module, _TORCH_WEIGHT_MODULES):
+        return ("weight",)
+    return ()
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer parameter groups: weights with ``weight_decay``, all else with 0.
+
+    A parameter is a weight if it is a spiking layer's weight matrix (the names in the layer
+    class's ``weight_decay_parameters``, e.g. ``SpikingLinear.weight``) or the ``weight`` of a
+    ``torch.nn`` linear or convolution layer. Initial states, biases and normalisation scales
+    are never decayed. Decided by what a parameter is, not by its shape: ``initial_state`` is
+    ``[D, N]`` like a matrix. Shared parameters appear once (in the first group that has them).
+
+    Use as ``torch.optim.AdamW(parameter_groups(net, 0.1), lr=...)``.
+
+    Returns:
+        ``[{"params": weights, "weight_decay": weight_decay},
+        {"params": others, "weight_decay": 0.0}]`` (empty lists kept, so that group indices
+        are stable for schedulers and checkpoints).
+    """
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    decayed: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    for submodule in module.modules():
+        for name in _decayed_names(submodule):
+            parameter = submodule._parameters.get(name)
+            if parameter is not None and id(parameter) not in seen:
+                seen.add(id(parameter))
+                decayed.append(parameter)
+    others = []
+    for parameter in module.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            others.append(parameter)
+    return [
+        {"params": decayed, "weight_decay": float(weight_decay)},
+        {"params": others, "weight_decay": 0.0},
+    ]
+
+
+class ExponentialDecay:
+    """``LambdaLR`` factor ``exp(-step / decay_steps)``: the reference's learning-rate decay.
+
+    The reference uses ``optax.exponential_decay(lr, decay_steps, 1/e)`` with ``decay_steps =
+    int(100 epochs * steps per epoch)``; step the scheduler once per optimizer step. A class (not
+    a lambda) so that it pickles and its ``decay_steps`` is part of the scheduler's state dict.
+    ``decay_steps = inf`` gives a constant learning rate.
+    """
+
+    def __init__(self, decay_steps: float):
+        if not decay_steps > 0:
+            raise ValueError(f"decay_steps must be positive (inf: no decay), got {decay_steps}")
+        self.decay_steps = float(decay_steps)
+
+    def __call__(self, step: int) -> float:
+        return math.exp(-step / self.decay_steps)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decay_steps={self.decay_steps})"

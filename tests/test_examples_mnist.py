@@ -73,12 +73,12 @@ def test_first_run_outputs(runs):
     assert first.stdout.strip().splitlines()[-1] == f"Outputs in {out}"
     assert metrics["epochs_completed"] == 1 and len(metrics["history"]) == 1
     record = metrics["history"][0]
-    for key in ("train_loss", "test_loss", "test_loss_ordinary"):
+    for key in ("train_loss", "test_loss"):
         assert math.isfinite(record[key]), key
     for key in ("train_accuracy", "test_accuracy", "test_accuracy_ordinary",
                 "test_silent_fraction"):
         assert 0.0 <= record[key] <= 1.0, key
-    assert record["test_activity"] >= 0 and len(record["test_activity_per_layer"]) == 1
+    assert record["test_activity"] >= 0 and set(record["test_activity_per_layer"]) == {"1", "2"}
     assert 0.0 <= record["test_accuracy_ema"] <= 1.0 and math.isfinite(record["test_loss_ema"])
     assert "averaged weights (EMA 0.9)" in first.stdout
     assert record["epoch_time_s"] > 0 and record["step_time_s"] > 0

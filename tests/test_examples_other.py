@@ -92,29 +92,6 @@ def test_spike_timing_both_tiny(tmp_path):
     assert len(recurrent["targets"]) == 2 and len(recurrent["after"]["spike_trains"]) == 10
 
 
-def test_run_growing_buffer_doubles_an_overflowing_layer(monkeypatch):
-    import pytest
-    import torch
-
-    from spike_bridge.nn import BufferOverflowError, LatencyEncoder, ThetaLinear
-
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    import common
-
-    torch.manual_seed(0)
-    spikes = LatencyEncoder(T=2.0)(torch.rand(3, 6) + 0.5)
-    layer = ThetaLinear(6, 4, T=2.0, max_spikes=1)
-    with torch.no_grad():
-        layer.weight.fill_(20.0)  # strong excitation: several spikes per neuron in the trial
-    with pytest.raises(BufferOverflowError):
-        common.run_growing_buffer(layer, spikes, grow=False)
-    assert layer.max_spikes == 1
-    grown = common.run_growing_buffer(layer, spikes)
-    assert layer.max_spikes > 1 and int(grown.spike_count.max()) > 1
-    assert int(grown.spike_count.max()) <= layer.max_spikes
-    assert torch.equal(grown.times, layer(spikes).times)  # the new size is kept
-
-
 def test_ddp_example_under_torchrun(tmp_path):
     """The README's launch command: 2 processes, gloo; --check compares the averaged gradients of
     the first step with one process on the whole global batch (float64: to 1e-12)."""

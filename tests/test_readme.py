@@ -103,3 +103,18 @@ def test_bridge_example_runs():
     assert w.grad.abs().max() > 0
     torch.testing.assert_close(params["w"].grad, w.grad, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(params["b"].grad, b.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_training_with_the_library_example_runs():
+    blocks = python_blocks(section("Training with the library"))
+    assert blocks, "the section has no ```python code block"
+    torch.manual_seed(0)
+    namespace = {"__name__": "__readme__"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile("\n".join(blocks), f"{README}:Training", "exec"), namespace)
+    net, metrics, hidden = namespace["net"], namespace["metrics"], namespace["hidden"]
+    assert hidden.times.shape == (32, 100, net[1].max_spikes)
+    assert set(metrics["activity_per_layer"]) == {"1", "2"}
+    assert 0.0 <= metrics["accuracy_ordinary"] <= metrics["samples"] == 32
+    decayed = namespace["optimizer"].param_groups[0]["params"]
+    assert {id(p) for p in decayed} == {id(net[1].weight), id(net[2].weight)}

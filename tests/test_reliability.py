@@ -97,7 +97,7 @@ def test_nan_weights_reach_the_recurrent_network_outputs():
 def test_nan_features_are_refused_by_the_next_layer():
     features = torch.tensor([[0.5, math.nan, 1.0, 0.2]], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"input spike times are NaN or negative"):
-        ThetaLinear(4, 3).double()(LatencyEncoder(T=T)(features))
+        ThetaLinear(4, 3).double()(LatencyEncoder(T=T)(features)).times  # checked when read
 
 
 # ------------------------------------------------------------------------------------------------

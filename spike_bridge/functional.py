@@ -69,7 +69,7 @@ def _pixel_bins(images: torch.Tensor, n_bins: int, input: str) -> torch.Tensor:
             f"{images.dtype}; convert pixels with .to(torch.uint8), or pass precomputed bins "
             "(spike_bridge.data.BinPixels) with input='bins'"
         )
-    return bin_pixels(images.reshape(images.shape[0], 1, -1), n_bins)
+    return bin_pixels(images.flatten(1)[:, None], n_bins)  # also for an empty batch
 
 
 def binned_latency_encode(

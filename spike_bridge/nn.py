@@ -26,11 +26,14 @@ value (usually by the readout) checks all layers that led to it at once (see
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from jax_kernels import layers as kernel_layers
 from jax_kernels.models import MODELS, NeuronModel, PseudoNeuronModel, get_model
@@ -158,17 +161,43 @@ _STATUS = ("max_spikes", "max_events", "max_input_spikes", "invalid_inputs")
 
 
 class _LayerCall:
-    """An unchecked call of a spiking layer: what checking it and rerunning it take."""
+    """An unchecked call of a spiking layer: what checking it and rerunning it take.
 
-    __slots__ = ("layer", "input", "status", "sizes", "grad_enabled")
+    The parameters and buffers the call used are kept (they may have been swapped in by
+    ``torch.func.functional_call``), so a rerun computes what the call would have computed.
+    """
+
+    __slots__ = ("layer", "input", "status", "sizes", "grad_enabled", "tensors", "versions")
 
     def __init__(self, layer: "_SpikingLayer", input: Spikes, status: torch.Tensor,
                  sizes: dict[str, int]):
         self.layer, self.input, self.status, self.sizes = layer, input, status, sizes
         self.grad_enabled = torch.is_grad_enabled()
+        self.tensors = dict(itertools.chain(layer.named_parameters(recurse=False),
+                                            layer.named_buffers(recurse=False)))
+        self.versions = {name: tensor._version for name, tensor in self.tensors.items()}
 
     def check(self, spikes: Spikes) -> None:
         _check_calls(spikes)
+
+    def rerun(self, grad_enabled: Optional[bool] = None) -> Spikes:
+        """The layer's output for the same input and parameters, with its current buffers
+        (with gradients if the call had them, unless ``grad_enabled`` says otherwise)."""
+        for name, tensor in self.tensors.items():
+            if tensor._version != self.versions[name]:
+                raise RuntimeError(
+                    f"{self.layer._name()}: `{name}` was changed in place (e.g. by "
+                    "optimizer.step()) after a call whose outputs are read only now; read a "
+                    "network's outputs (e.g. compute the loss) before changing its parameters"
+                )
+        swapped = any(getattr(self.layer, name) is not tensor
+                      for name, tensor in self.tensors.items())
+        grad_enabled = self.grad_enabled if grad_enabled is None else grad_enabled
+        with torch.set_grad_enabled(grad_enabled), (
+            _reparametrize_module(self.layer, self.tensors) if swapped
+            else contextlib.nullcontext()
+        ):
+            return self.layer._run(self.input)
 
 
 def _unchecked_chain(spikes: Spikes) -> list[Spikes]:
@@ -200,9 +229,7 @@ def _check_calls(spikes: Spikes) -> None:
         if first_rerun is None:
             return
         for output in chain[first_rerun:]:
-            call = output._call
-            with torch.set_grad_enabled(call.grad_enabled):
-                output._assign(call.layer._run(call.input))
+            output._assign(output._call.rerun())
 
 
 def spiking_layers(net: nn.Module) -> list[nn.Module]:
@@ -380,7 +407,7 @@ class _SpikingLayer(nn.Module):
             with torch.no_grad():
                 for _ in range(32):
                     setattr(self, buffer, trial)
-                    row = _host_ints(self._run(call.input)._call.status)
+                    row = _host_ints(call.rerun(grad_enabled=False)._call.status)
                     status = dict(zip(_STATUS, row))
                     others = [name for name in self._adaptive
                               if name != buffer and status[name] > getattr(self, name)]

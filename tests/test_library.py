@@ -443,3 +443,37 @@ def test_every_registered_model_goes_through_the_model_checks():
     assert {type(m) for m in test_models.MODEL_VARIANTS} >= registered
     assert {type(m) for m in test_gradients.SETUPS} >= registered
     assert {type(m) for m in test_kernels.SETUPS} >= registered
+
+
+def test_rerun_of_an_overflowed_call_uses_the_parameters_of_that_call():
+    """A call whose buffers overflowed is rerun when its output is first read; the rerun must
+    use the parameters the call used (here swapped in by functional_call), and refuse to run if
+    they were changed in place since."""
+    from torch.func import functional_call
+
+    from spike_bridge.nn import ThetaLinear
+    from spike_bridge.spikes import Spikes
+
+    generator = torch.Generator().manual_seed(3)
+    times = torch.rand(2, 40, 1, generator=generator, dtype=torch.float64) * 1.8  # 40 distinct
+    spikes = Spikes(times, 2.0)
+    layer = ThetaLinear(40, 6, w_scale=0.5).double()
+    strong = {"weight": (6 * layer.weight.detach()).requires_grad_(),
+              "initial_state": layer.initial_state.detach().clone()}
+    out = functional_call(layer, strong, (spikes,))  # read only after the swap is undone
+    reference = ThetaLinear(40, 6, max_events=64).double()
+    reference.load_state_dict({"weight": strong["weight"].detach(),
+                               "initial_state": strong["initial_state"]}, strict=False)
+    expected = reference(spikes)
+    assert int(expected.spike_count.sum()) > 0
+    assert torch.equal(out.spike_count, expected.spike_count)  # the read reruns the call
+    torch.testing.assert_close(out.filled_times, expected.filled_times, rtol=0, atol=1e-12)
+    out.filled_times[..., 0].sum().backward()  # the gradient reaches the swapped-in weight
+    assert strong["weight"].grad is not None and strong["weight"].grad.abs().sum() > 0
+
+    fresh = ThetaLinear(40, 6).double()
+    unread = fresh(spikes)
+    with torch.no_grad():
+        fresh.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        unread.spike_count

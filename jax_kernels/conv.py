@@ -30,7 +30,7 @@ from jax import Array, lax
 
 from jax_kernels.layers import LayerOutput
 from jax_kernels.models.theta import Theta
-from jax_kernels.simulate import filled_spike_times
+from jax_kernels.simulate import earliest_input_spikes, filled_spike_times
 
 
 def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
@@ -55,24 +55,6 @@ def check_conv_geometry(in_shape: tuple[int, int, int], kernel_size: int, stride
             f"{height}x{width}; use a smaller kernel or more padding"
         )
     return out
-
-
-def _input_events(input_times: Array, max_events: int, T: float):
-    """The earliest ``max_events`` input spikes of one sample: times ``[E]`` (``+inf`` where
-    empty or at/after ``T``), source neuron ``[E]``, and the number of trial spikes that did not
-    fit."""
-    n_in, k_in = input_times.shape
-    flat = input_times.reshape(-1)
-    source = jnp.repeat(jnp.arange(n_in), k_in)
-    if flat.shape[0] < max_events:
-        pad = max_events - flat.shape[0]
-        flat = jnp.concatenate([flat, jnp.full((pad,), jnp.inf, flat.dtype)])
-        source = jnp.concatenate([source, jnp.zeros((pad,), source.dtype)])
-    _, order = lax.top_k(-lax.stop_gradient(flat), max_events)
-    times = flat[order]
-    times = jnp.where(times < T, times, jnp.inf)
-    n_dropped = jnp.sum(flat < T, dtype=jnp.int32) - jnp.sum(times < T, dtype=jnp.int32)
-    return times, source[order], n_dropped
 
 
 def _patches(source: Array, weights: Array, in_shape, out_shape, stride: int, padding: int):
@@ -155,7 +137,7 @@ def theta_conv_sample(
     root = math.sqrt(model.I0 - 0.25)
     angular_speed = root / model.tau  # pi / Theta
 
-    times, source, n_dropped = _input_events(input_times.astype(dtype), max_events, T)
+    times, source, n_dropped = earliest_input_spikes(input_times.astype(dtype), max_events, T)
     neuron, tap = _patches(source, weights.astype(dtype), in_shape, out_shape, stride, padding)
     in_trial = times < T
     neuron = jnp.where(in_trial[:, None], neuron, n_neurons + jnp.arange(neuron.shape[1]))

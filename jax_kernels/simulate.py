@@ -79,16 +79,18 @@ def _flatten_spike_trains(input_times: Array) -> tuple[Array, Array]:
     return input_times.reshape(-1), jnp.repeat(jnp.arange(n_in), k_in)
 
 
-def events_from_spike_trains(
-    input_times: Array, weights: Array, max_events: int, T: float
-) -> Events:
-    """Turn input spike trains into the earliest ``max_events`` input events of a layer.
+def earliest_input_spikes(input_times: Array, max_events: int, T: float
+                          ) -> tuple[Array, Array, Array]:
+    """The earliest ``max_events`` input spikes of one sample, one event each.
 
     Args:
         input_times: ``[N_in, K_in]`` spike times (any order, ``+inf`` padded, ``>= 0``).
-        weights: ``[N, N_in]`` layer weights.
         max_events: buffer size ``E`` (static).
         T: trial duration; spikes at or after ``T`` are not events.
+
+    Returns:
+        ``(times [E]`` ascending, ``+inf`` where empty or at/after ``T``; ``source [E]`` input
+        neuron of each; ``n_dropped`` trial spikes that did not fit, int32 scalar).
     """
     flat_times, source = _flatten_spike_trains(input_times)
     n_flat = flat_times.shape[0]
@@ -101,7 +103,21 @@ def events_from_spike_trains(
     times = flat_times[order]
     times = jnp.where(times < T, times, jnp.inf)
     n_dropped = jnp.sum(flat_times < T, dtype=jnp.int32) - jnp.sum(times < T, dtype=jnp.int32)
-    return Events(times, weights[:, source[order]].T, n_dropped)
+    return times, source[order], n_dropped
+
+
+def events_from_spike_trains(
+    input_times: Array, weights: Array, max_events: int, T: float
+) -> Events:
+    """Turn input spike trains into the earliest ``max_events`` input events of a layer, one
+    per spike (no fusion: the reference formulation the fused layer is tested against).
+
+    Args:
+        input_times: ``[N_in, K_in]``; weights: ``[N, N_in]``; max_events, T: as for
+            :func:`earliest_input_spikes`.
+    """
+    times, source, n_dropped = earliest_input_spikes(input_times, max_events, T)
+    return Events(times, weights[:, source].T, n_dropped)
 
 
 def feedforward_layer(

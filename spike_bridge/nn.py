@@ -17,7 +17,7 @@ remove spikes. Times are in units of the neuron time constant ``tau``.
 Buffers: a layer keeps at most ``max_spikes`` spikes per neuron (and a recurrent network or a
 layer on continuous input times ``max_events`` events). With ``"auto"`` (the default) the layer
 remembers a size, grows it when a call needs more and reruns that call before anyone reads its
-outputs; the size is saved in ``state_dict()``. A fixed int raises :class:`BufferOverflowError`
+outputs, and shrinks it when calls leave it mostly empty; the size is saved in ``state_dict()``. A fixed int raises :class:`BufferOverflowError`
 instead. Either way nothing is truncated silently, and the check costs one device-to-host
 transfer per network call: layers hand their outputs on unchecked, and the first read of a
 value (usually by the readout) checks all layers that led to it at once (see
@@ -63,6 +63,9 @@ __all__ = [
 EVENT_BUCKET = 16
 #: Largest sizes that ``"auto"`` buffers grow to; beyond, BufferOverflowError is raised.
 AUTO_LIMITS = {"max_spikes": 1024, "max_events": 1 << 16, "max_input_spikes": 1 << 20}
+#: An ``"auto"`` buffer shrinks when this many checked calls in a row needed at most half of a
+#: smaller size (the cost of a layer grows with its buffers; the headroom keeps reruns rare).
+SHRINK_AFTER_CALLS = 8
 
 #: Layer defaults of neuron models given by name where they differ from the model's own: theta
 #: neurons of the reference MNIST setup (``tau = 6/pi``, so that the free period is 6).
@@ -291,6 +294,7 @@ class _SpikingLayer(nn.Module):
             size, adaptive = _buffer_size(buffer, value, initial)
             setattr(self, buffer, size)
             self._adaptive[buffer] = adaptive
+        self._recent_needs: list[dict[str, int]] = []
 
     def _init_initial_state(self, size: int, learnable: bool, factory: dict) -> None:
         """``initial_state [D, size]`` and the model's state bounds ``[D, 1]`` (buffers)."""
@@ -382,6 +386,8 @@ class _SpikingLayer(nn.Module):
                 grew = True
         if fixed_overflows and not grew:
             raise self._overflow_error(*fixed_overflows[0], call)
+        if not grew:
+            self._shrink_if_oversized(status, call)
         return grew
 
     def _grown(self, buffer: str, needed: int, size: int) -> int:
@@ -389,6 +395,24 @@ class _SpikingLayer(nn.Module):
         if buffer == "max_spikes":
             return 1 << max(needed - 1, size).bit_length()  # power of two, > size, >= needed
         return _rounded(max(needed, size + 1))
+
+    def _shrink_if_oversized(self, status: dict[str, int], call: _LayerCall) -> None:
+        """Shrink ``"auto"`` buffers that the last :data:`SHRINK_AFTER_CALLS` calls all left
+        mostly empty, to a size with twice their largest need (same rounding as growth)."""
+        needs = {buffer: status[buffer] for buffer in call.sizes if self._adaptive[buffer]}
+        self._recent_needs = [*self._recent_needs, needs][-SHRINK_AFTER_CALLS:]
+        if len(self._recent_needs) < SHRINK_AFTER_CALLS:
+            return
+        largest = {buffer: max(recent.get(buffer, 0) for recent in self._recent_needs)
+                   for buffer in needs}
+        for buffer, need in largest.items():
+            if buffer == "max_spikes":
+                smaller = 1 << max(2 * need - 1, 0).bit_length()
+            else:
+                smaller = _rounded(2 * need)
+            if smaller < getattr(self, buffer):
+                setattr(self, buffer, smaller)
+                self._recent_needs = []
 
     def _overflow_error(self, buffer: str, needed: int, size: int,
                         call: _LayerCall) -> BufferOverflowError:
@@ -455,7 +479,7 @@ class SpikingLinear(_SpikingLayer):
             given), or a neuron model instance.
         T: trial duration.
         max_spikes: spike buffer per neuron ``K``: ``"auto"`` (starts at 8, grows as needed,
-            saved in ``state_dict``) or a fixed int (more spikes raise
+            shrinks when mostly unused, saved in ``state_dict``) or a fixed int (more spikes raise
             :class:`BufferOverflowError`).
         max_events: input event buffer ``E`` for continuous input times (not binned input):
             ``"auto"`` (starts at 16) or a fixed int.

@@ -115,6 +115,32 @@ def test_overflowed_call_is_rerun_before_its_outputs_are_used():
     assert auto[0].max_spikes >= needed
 
 
+def test_auto_buffer_shrinks_after_calls_that_left_it_mostly_empty():
+    """A busy call grows the buffer; quiet calls afterwards shrink it back (to twice their need)
+    after SHRINK_AFTER_CALLS of them, with outputs equal to a fixed buffer's throughout."""
+    from spike_bridge.nn import SHRINK_AFTER_CALLS
+
+    busy = _busy_input()
+    keep = torch.arange(48)[None, :, None] < 4  # 4 of the 48 inputs spike: few output spikes
+    quiet = Spikes(torch.where(keep, busy.times, torch.inf), T)
+    auto = ThetaLinear(48, 3)
+    fixed = ThetaLinear(48, 3, max_spikes=64)
+    with torch.no_grad():
+        auto.weight.fill_(30.0)
+        fixed.weight.fill_(30.0)
+        auto(busy).times  # reading the output checks the call: the buffer grows
+        grown = auto.max_spikes
+        quiet_need = int(fixed(quiet).spike_count.max())
+        assert 2 * quiet_need <= grown // 2
+        for call in range(SHRINK_AFTER_CALLS):
+            assert auto.max_spikes == grown
+            out = auto(quiet)
+            expected = fixed(quiet).times[..., :out.times.shape[-1]]
+            torch.testing.assert_close(out.times, expected, rtol=0, atol=0)
+    assert quiet_need <= auto.max_spikes < grown
+    assert auto.max_spikes == 1 << (2 * quiet_need - 1).bit_length()
+
+
 def test_fixed_buffer_overflow_error_names_layer_buffer_and_need():
     spikes = _busy_input()
     layer = ThetaLinear(48, 3, max_spikes=1, name="busy")

@@ -21,6 +21,7 @@ from jax_kernels.simulate import (
     binned_input_events,
     filled_spike_times,
     fused_input_events,
+    input_spike_sequence,
     recurrent_network,
 )
 
@@ -205,7 +206,12 @@ def spiking_layer(
             buffer of input spikes gathered when fusing by segments (``None``: see
             :func:`fused_input_events`), ``max_spikes`` the output buffer ``K`` per neuron.
     """
-    events = fused_input_events(input_times, weights, T, max_events, max_input_spikes)
+    if max_input_spikes is not None and model.layer_simulator(T) is not None:
+        # The fast simulators take one step per spike, kicks gathered in the scan (cheaper than
+        # building [E, B, N] fused kicks when few spikes coincide, which is when P is used).
+        events = input_spike_sequence(input_times, weights, T, max_input_spikes)
+    else:
+        events = fused_input_events(input_times, weights, T, max_events, max_input_spikes)
     output = _layer_from_events(model, events, weights, initial_state, input_rate, T, max_spikes,
                                 pseudo)
     invalid = (

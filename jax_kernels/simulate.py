@@ -173,12 +173,26 @@ def _scan_layer(model, times, weights, initial_state, T, max_spikes) -> LayerRes
     return LayerResult(spike_times, jnp.sum(counts, axis=0, dtype=jnp.int32), final_state)
 
 
+class GatheredKicks(NamedTuple):
+    """Kicks as rows of a table: event ``s`` of sample ``b`` kicks neuron ``n`` by
+    ``table[index[s, b], n]`` (e.g. the table is ``weights.T`` and the index the input neuron of
+    each spike), so that no ``[E, B, N]`` kick array has to exist.
+
+    Attributes:
+        table: ``[R, N]``; index: ``[E, B]`` int32.
+    """
+
+    table: Array
+    index: Array
+
+
 class BatchEvents(NamedTuple):
     """Input events of a batch for a layer of ``N`` neurons, coincident input spikes fused.
 
     Attributes:
         times: ``[B, E]`` distinct event times, ascending, ``+inf`` padded.
-        kicks: ``[E, B, N]`` (time-major) the summed weight each neuron receives at each time.
+        kicks: ``[E, B, N]`` (time-major) the summed weight each neuron receives at each time,
+            or :class:`GatheredKicks`.
         n_events: ``[B]`` int32 distinct input spike times inside the trial (what ``E`` must hold).
         n_spikes: ``[B]`` int32 input spikes inside the trial.
         n_dropped: ``[B]`` int32 input spikes inside the trial that did not fit the buffers.
@@ -279,6 +293,56 @@ def fused_input_events(
     return BatchEvents(times, kicks, n_events, n_spikes, n_dropped)
 
 
+def input_spike_sequence(
+    input_times: Array, weights: Array, T: float, max_input_spikes: int
+) -> BatchEvents:
+    """The earliest ``P`` input spikes of each sample as events, one per spike, their kicks
+    gathered from ``weights`` inside the simulation (:class:`GatheredKicks`).
+
+    Coincident spikes become consecutive events with no time between them, which equals their
+    fused event only for models whose inputs compose and cannot cause a spike at the input
+    (theta neurons: ``V + w1 + w2``); layers use it where the model's ``layer_simulator``
+    exists. As in :func:`fused_input_events`, coincident spikes get their mean time, so the
+    gradient w.r.t. their common time is shared equally. No ``[P, B, N]`` array of weight
+    columns is built: the cost of an event is one gathered ``[B, N]`` row per step.
+
+    Args:
+        input_times: ``[B, N_in, K_in]`` spike times (any order, ``+inf`` padded, ``>= 0``).
+        weights: ``[N, N_in]``.
+        T: trial duration; spikes at or after ``T`` are not events.
+        max_input_spikes: ``P`` spikes per sample (static).
+
+    Returns:
+        :class:`BatchEvents` with ``times [B, P]`` and ``n_events`` the distinct times in the
+        trial (a lower bound that exceeds nothing when spikes were dropped).
+    """
+    batch, n_in, k_in = input_times.shape
+    n_slots = n_in * k_in
+    flat = input_times.reshape(batch, n_slots)
+    source = jnp.repeat(jnp.arange(n_in, dtype=jnp.int32), k_in)  # input neuron of each slot
+    key = lax.stop_gradient(flat)
+    key = jnp.where(key < T, key, jnp.inf)
+    n_spikes = jnp.sum(key < T, axis=1, dtype=jnp.int32)
+    n_kept = min(max_input_spikes, n_slots)
+    _, order = lax.top_k(-key, n_kept)  # earliest first
+    sorted_key = jnp.take_along_axis(key, order, axis=1)
+    kept = sorted_key < T
+    is_new = jnp.concatenate(
+        [jnp.ones((batch, 1), bool), sorted_key[:, 1:] != sorted_key[:, :-1]], axis=1
+    ) & kept
+    group = jnp.where(kept, jnp.cumsum(is_new, axis=1, dtype=jnp.int32) - 1, 0)
+    member_times = jnp.where(kept, jnp.take_along_axis(flat, order, axis=1), 0.0)
+    sample = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, n_kept))
+    time_sum = jnp.zeros((batch, n_kept), flat.dtype).at[sample, group].add(member_times)
+    members = jnp.zeros((batch, n_kept), jnp.int32).at[sample, group].add(kept.astype(jnp.int32))
+    mean_time = time_sum / jnp.maximum(members, 1)
+    times = jnp.where(kept, jnp.take_along_axis(mean_time, group, axis=1), jnp.inf)
+    index = jnp.where(kept, source[order], 0).T
+    n_events = jnp.sum(is_new, axis=1, dtype=jnp.int32) + (n_spikes > n_kept)
+    n_dropped = n_spikes - jnp.sum(kept, axis=1, dtype=jnp.int32)
+    return BatchEvents(times, GatheredKicks(weights.T, index), n_events, n_spikes, n_dropped)
+
+
 def binned_input_events(bin_index: Array, bin_times: Array, weights: Array) -> BatchEvents:
     """Inputs that spike at a few shared times (binned encodings): one event per bin.
 
@@ -323,10 +387,17 @@ def batched_feedforward_layer(
     batch, n_neurons = events.times.shape[0], initial_state.shape[-1]
     # A final zero-weight event at T flushes the spikes between the last input and the trial end.
     times = jnp.concatenate([events.times.astype(dtype), jnp.full((batch, 1), T, dtype)], axis=1)
-    kicks = jnp.concatenate(
-        [events.kicks.astype(dtype), jnp.zeros((1, batch, n_neurons), dtype)], axis=0
-    )
     simulator = model.layer_simulator(T)
+    if isinstance(events.kicks, GatheredKicks):
+        index = jnp.concatenate([events.kicks.index, jnp.zeros((1, batch), jnp.int32)], axis=0)
+        kicks = GatheredKicks(events.kicks.table.astype(dtype), index)
+        if simulator is not None:
+            return LayerResult(*simulator(times, kicks, initial_state, max_spikes))
+        kicks = jnp.where((times < T).T[..., None], kicks.table[kicks.index], 0.0)
+    else:
+        kicks = jnp.concatenate(
+            [events.kicks.astype(dtype), jnp.zeros((1, batch, n_neurons), dtype)], axis=0
+        )
     if simulator is not None:
         return LayerResult(*simulator(times, kicks, initial_state, max_spikes))
 

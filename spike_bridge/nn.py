@@ -64,7 +64,8 @@ EVENT_BUCKET = 16
 #: Largest sizes that ``"auto"`` buffers grow to; beyond, BufferOverflowError is raised.
 AUTO_LIMITS = {"max_spikes": 1024, "max_events": 1 << 16, "max_input_spikes": 1 << 20}
 #: An ``"auto"`` buffer shrinks when this many checked calls in a row needed at most half of a
-#: smaller size (the cost of a layer grows with its buffers; the headroom keeps reruns rare).
+#: smaller size (spike slots; event buffers: 4/5 of it), since the cost of a layer grows with its
+#: buffers; the headroom keeps reruns rare.
 SHRINK_AFTER_CALLS = 8
 
 #: Layer defaults of neuron models given by name where they differ from the model's own: theta
@@ -408,8 +409,8 @@ class _SpikingLayer(nn.Module):
         for buffer, need in largest.items():
             if buffer == "max_spikes":
                 smaller = 1 << max(2 * need - 1, 0).bit_length()
-            else:
-                smaller = _rounded(2 * need)
+            else:  # event buffers are multiples of EVENT_BUCKET: less headroom needed
+                smaller = _rounded(need + need // 4 + 1)
             if smaller < getattr(self, buffer):
                 setattr(self, buffer, smaller)
                 self._recent_needs = []

@@ -89,9 +89,12 @@ class NeuronModel(ABC):
         """A specialised batched layer simulator for trials of length ``T``, or ``None``.
 
         If given, :func:`jax_kernels.simulate.batched_feedforward_layer` calls it as
-        ``fn(times [B, S], kicks [S, B, N], initial_state [D, N], max_spikes)`` (event times
-        ascending per sample; the last event is a zero-weight event at ``T``; times ``>= T`` are
-        not applied) and expects ``(spike_times [B, N, K], spike_count [B, N],
+        ``fn(times [B, S], kicks, initial_state [D, N], max_spikes)`` (event times ascending per
+        sample; the last event is a zero-weight event at ``T``; times ``>= T`` are not applied;
+        ``kicks`` is ``[S, B, N]`` or :class:`~jax_kernels.simulate.GatheredKicks`, where
+        coincident spikes are separate zero-length events: a model with a layer simulator must
+        be one whose inputs compose, ``receive(receive(x, w1), w2) = receive(x, w1 + w2)``, and
+        cannot spike at an input) and expects ``(spike_times [B, N, K], spike_count [B, N],
         final_state [B, D, N])``. Without it the generic event scan runs per sample.
         """
         return None

@@ -83,7 +83,10 @@ class Theta(PhaseOscillatorModel):
         interval's spike fills, and only the ``K`` recorded spikes get an ``arctan2`` afterwards:
         a spike in the interval starting at ``t0`` in state ``a0`` is at ``t0 + (pi - a0) Theta / pi``.
 
-        Args: times ``[B, S]`` (the last one ``T``), kicks ``[S, B, N]``, initial_state ``[1, N]``.
+        Args: times ``[B, S]`` (the last one ``T``), kicks ``[S, B, N]`` or
+        :class:`~jax_kernels.simulate.GatheredKicks` (rows gathered inside the scan, so no
+        ``[S, B, N]`` kick array exists; coincident inputs may be separate zero-length steps since
+        theta inputs compose: ``V + w1 + w2``), initial_state ``[1, N]``.
         Returns: spike times ``[B, N, K]``, spike counts ``[B, N]``, final phases ``[B, 1, N]``.
         """
         dtype = initial_state.dtype
@@ -94,7 +97,8 @@ class Theta(PhaseOscillatorModel):
             [jnp.zeros((batch, 1), dtype), interval_end[:, :-1]], axis=1
         )
         angle_step = (angular_speed * (interval_end - interval_start)).T[..., None]  # [S, B, 1]
-        u = jnp.where((times < T).T[..., None], kicks / self._root, 0.0)
+        applied = (times < T).T  # [S, B]
+        table, index = (kicks.table, kicks.index) if hasattr(kicks, "table") else (kicks, None)
         angle0 = angular_speed * initial_state[0]
         # sin(pi) rounds below 0 in float32: a phase of exactly Theta must not count as past it.
         initial_sin = jnp.sin(angle0)
@@ -104,8 +108,8 @@ class Theta(PhaseOscillatorModel):
             jnp.broadcast_to(initial_sin, (batch, n_neurons)),
         )
         cos, sin, count, spike_interval, cos_k, sin_k, start_k = _rotation_scan(
-            max_spikes, *initial, jnp.cos(angle_step), jnp.sin(angle_step), u,
-            interval_start.T,
+            max_spikes, 1.0 / self._root, *initial, jnp.cos(angle_step), jnp.sin(angle_step),
+            applied, table, index, interval_start.T,
         )  # spike records [K, B, N]
         n_events = times.shape[1]
         has_spike = spike_interval < n_events
@@ -161,31 +165,54 @@ def _rotate_spike_kick(cos, sin, cos_step, sin_step, u):
                                                                       inverse_norm)
 
 
-def _rotation_scan_forward(max_spikes, cos, sin, cos_step, sin_step, u):
+def _event_kicks(table, index, applied, inverse_root):
+    """Kicks ``u [B, N]`` of one event: its rows of ``table`` (``index [B]`` or, without an
+    index, ``table`` is the event's ``[B, N]`` slice), zero where the event is not applied."""
+    rows = table if index is None else table[index]
+    return jnp.where(applied[:, None], rows, 0.0) * inverse_root
+
+
+def _event_inputs(table, index):
+    """What the scans slice per event: the kicks' ``[S, B, N]`` table or the ``[S, B]`` index."""
+    return table if index is None else index
+
+
+def _table_and_index(table, index, event_slice):
+    """``(table, index)`` of one event from the slice :func:`_event_inputs` gave the scan."""
+    return (event_slice, None) if index is None else (table, event_slice)
+
+
+def _rotation_scan_forward(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied,
+                           table, index):
     # Spike counts leave the scan capped at K, in the narrowest integer type that holds K.
     count_type = jnp.int8 if max_spikes < 127 else jnp.int32
 
     def step(carry, event):
         cos, sin, count = carry
-        (cos_next, sin_next), spiked, _ = _rotate_spike_kick(cos, sin, *event)
+        cos_step, sin_step, applied, kicks = event
+        u = _event_kicks(*_table_and_index(table, index, kicks), applied, inverse_root)
+        (cos_next, sin_next), spiked, _ = _rotate_spike_kick(cos, sin, cos_step, sin_step, u)
         count = count + spiked
         capped = jnp.minimum(count, max_spikes).astype(count_type)
         return (cos_next, sin_next, count), (capped, cos, sin)
 
     count = jnp.zeros(cos.shape, jnp.int32)
     (cos, sin, count), (capped, cos_start, sin_start) = lax.scan(
-        step, (cos, sin, count), (cos_step, sin_step, u)
+        step, (cos, sin, count), (cos_step, sin_step, applied, _event_inputs(table, index))
     )
     return cos, sin, count, capped, cos_start, sin_start
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rotation_scan(max_spikes, cos, sin, cos_step, sin_step, u, interval_start):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _rotation_scan(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied, table, index,
+                   interval_start):
     """The event scan of :meth:`Theta._rotating_layer` with a hand-written reverse pass.
 
-    Args: states ``cos, sin [B, N]`` at ``t = 0``; per event ``cos_step, sin_step [S, B, 1]``
-    (the rotation since the previous event), ``u [S, B, N]`` (kicks over ``sqrt(I0 - 1/4)``) and
-    ``interval_start [S, B]`` (the previous event's time).
+    Args: ``inverse_root = 1 / sqrt(I0 - 1/4)``; states ``cos, sin [B, N]`` at ``t = 0``; per
+    event ``cos_step, sin_step [S, B, 1]`` (the rotation since the previous event),
+    ``applied [S, B]`` (bool: the event is inside the trial), the kicks (weights) either as
+    ``table [S, B, N]`` with ``index = None`` or as rows ``table [R, N]`` picked by
+    ``index [S, B]``, and ``interval_start [S, B]`` (the previous event's time).
 
     Returns: final ``cos, sin [B, N]``, spike counts ``[B, N]``, and for each neuron's first
     ``K = max_spikes`` spikes ``[K, B, N]``: the event whose interval holds it (``S``: none), and
@@ -193,31 +220,36 @@ def _rotation_scan(max_spikes, cos, sin, cos_step, sin_step, u, interval_start):
 
     The reverse pass keeps only the states at the start of each event and recomputes the rest of
     the event (autodiff kept nine arrays per event); the spike records' cotangents enter it at
-    their events, where autodiff would scatter-add them into ``[S, B, N]`` arrays.
+    their events, where autodiff would scatter-add them into ``[S, B, N]`` arrays. Gathered
+    kicks are gathered again in the reverse pass and their rows' gradients added into the
+    table's, carried through it.
     """
-    return _rotation_scan_fwd(max_spikes, cos, sin, cos_step, sin_step, u, interval_start)[0]
+    return _rotation_scan_fwd(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied,
+                              table, index, interval_start)[0]
 
 
-def _rotation_scan_fwd(max_spikes, cos, sin, cos_step, sin_step, u, interval_start):
+def _rotation_scan_fwd(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied, table,
+                       index, interval_start):
     cos_end, sin_end, count, capped, cos_start, sin_start = _rotation_scan_forward(
-        max_spikes, cos, sin, cos_step, sin_step, u
+        max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied, table, index
     )
     interval = _spike_intervals(capped, max_spikes)
-    index = jnp.minimum(interval, capped.shape[0] - 1).astype(jnp.int32)
-    cos_k = jnp.take_along_axis(cos_start, index, axis=0)
-    sin_k = jnp.take_along_axis(sin_start, index, axis=0)
-    start_k = jnp.take_along_axis(interval_start[..., None], index, axis=0)
+    event = jnp.minimum(interval, capped.shape[0] - 1).astype(jnp.int32)
+    cos_k = jnp.take_along_axis(cos_start, event, axis=0)
+    sin_k = jnp.take_along_axis(sin_start, event, axis=0)
+    start_k = jnp.take_along_axis(interval_start[..., None], event, axis=0)
     outputs = (cos_end, sin_end, count, interval, cos_k, sin_k, start_k)
-    return outputs, (cos_start, sin_start, cos_step, sin_step, u, interval)
+    return outputs, (cos_start, sin_start, cos_step, sin_step, applied, table, index, interval)
 
 
-def _rotation_scan_bwd(max_spikes, residuals, cotangents):
-    cos_start, sin_start, cos_step, sin_step, u, interval = residuals
+def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
+    cos_start, sin_start, cos_step, sin_step, applied, table, index, interval = residuals
     grad_cos, grad_sin, _, _, grad_cos_k, grad_sin_k, grad_start_k = cotangents
 
     def step(carry, event):
-        grad_cos, grad_sin = carry  # w.r.t. the state after this event
-        index, cos, sin, cos_step, sin_step, u = event
+        grad_cos, grad_sin, grad_table = carry  # w.r.t. the state after this event
+        event_index, cos, sin, cos_step, sin_step, applied, kicks = event
+        u = _event_kicks(*_table_and_index(table, index, kicks), applied, inverse_root)
         (cos_out, sin_out), _, (sign, reset_sin, inverse_norm) = _rotate_spike_kick(
             cos, sin, cos_step, sin_step, u
         )
@@ -225,7 +257,7 @@ def _rotation_scan_bwd(max_spikes, residuals, cotangents):
         q = inverse_norm * (grad_cos * sin_out - grad_sin * cos_out)
         grad_shifted = q * sin_out
         grad_reset_sin = -q * cos_out - u * grad_shifted
-        grad_u = -reset_sin * grad_shifted
+        grad_kick = jnp.where(applied[:, None], -reset_sin * grad_shifted * inverse_root, 0.0)
         grad_rotated_cos, grad_rotated_sin = sign * grad_shifted, sign * grad_reset_sin
         grad_cos_before = grad_rotated_cos * cos_step + grad_rotated_sin * sin_step
         grad_sin_before = grad_rotated_sin * cos_step - grad_rotated_cos * sin_step
@@ -235,22 +267,34 @@ def _rotation_scan_bwd(max_spikes, residuals, cotangents):
         # (Sums over the K slots unrolled: XLA's CPU reductions over a leading axis are slow.)
         grad_start = jnp.zeros_like(grad_cos_before)
         for k in range(max_spikes):
-            here = interval[k] == index
+            here = interval[k] == event_index
             grad_cos_before = grad_cos_before + jnp.where(here, grad_cos_k[k], 0.0)
             grad_sin_before = grad_sin_before + jnp.where(here, grad_sin_k[k], 0.0)
             grad_start = grad_start + jnp.where(here, grad_start_k[k], 0.0)
         grad_start = jnp.sum(grad_start, -1)
-        carry = (grad_cos_before, grad_sin_before)
-        return carry, (grad_cos_step, grad_sin_step, grad_u, grad_start)
+        if index is None:  # the event's kicks are its own slice: their gradient leaves the scan
+            return (grad_cos_before, grad_sin_before, grad_table), (
+                grad_cos_step, grad_sin_step, grad_kick, grad_start)
+        # Gathered rows: their gradient is added into the table's, carried (no [S, B, N] array).
+        grad_table = grad_table.at[kicks].add(grad_kick)
+        return (grad_cos_before, grad_sin_before, grad_table), (
+            grad_cos_step, grad_sin_step, None, grad_start)
 
     n_events = cos_start.shape[0]
-    (grad_cos, grad_sin), (grad_cos_step, grad_sin_step, grad_u, grad_start) = lax.scan(
-        step,
-        (grad_cos, grad_sin),
-        (jnp.arange(n_events, dtype=interval.dtype), cos_start, sin_start, cos_step, sin_step, u),
-        reverse=True,
+    grad_table = jnp.zeros((0,) if index is None else table.shape, table.dtype)
+    (grad_cos, grad_sin, grad_table), (grad_cos_step, grad_sin_step, grad_kicks, grad_start) = (
+        lax.scan(
+            step,
+            (grad_cos, grad_sin, grad_table),
+            (jnp.arange(n_events, dtype=interval.dtype), cos_start, sin_start, cos_step,
+             sin_step, applied, _event_inputs(table, index)),
+            reverse=True,
+        )
     )
-    return grad_cos, grad_sin, grad_cos_step, grad_sin_step, grad_u, grad_start
+    if index is None:
+        grad_table = grad_kicks
+    return (grad_cos, grad_sin, grad_cos_step, grad_sin_step, None, grad_table, None,
+            grad_start)
 
 
 _rotation_scan.defvjp(_rotation_scan_fwd, _rotation_scan_bwd)

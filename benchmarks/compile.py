@@ -71,7 +71,11 @@ def main(argv=None) -> dict:
     compile_s = {}
     for backend in args.backends:
         torch._dynamo.reset()
-        compiled = torch.compile(network(), backend=backend)
+        net = network()
+        # the buffer sizes the eager steps settled on (under compile an "auto" buffer that
+        # grows raises once and recompiles, see README "torch.compile")
+        net.load_state_dict(eager.state_dict())
+        compiled = torch.compile(net, backend=backend)
         first = step(compiled, images, labels)
         compile_s[backend] = first - statistics.median(eager_times)
         step(compiled, images, labels)  # a second call may still compile (e.g. backward)

@@ -46,7 +46,7 @@ from jax_kernels import layers as kernel_layers
 from jax_kernels.models import MODELS, NeuronModel, PseudoNeuronModel, get_model
 from spike_bridge.bridge import jax_function, register_static_type, scoped_x64
 from spike_bridge.functional import ENCODER_INPUTS, binned_latency_encode, latency_encode
-from spike_bridge.spikes import Spikes
+from spike_bridge.spikes import BinnedInput, Spikes
 
 __all__ = [
     "BinnedLatencyEncoder",
@@ -260,8 +260,9 @@ def _check_calls(spikes: Spikes) -> None:
 # checked by the custom op below instead: opaque to dynamo, it reads all statuses with one
 # transfer when the compiled graph runs and raises BufferOverflowError (a fixed buffer) or grows
 # the "auto" buffer and raises (the graph was traced with the old size; the next call recompiles,
-# since dynamo guards on the size attributes). Its zero output is added to the values that were
-# read, so that no compiler drops it as unused.
+# since dynamo guards on the size attributes). It is given each call's input as well: on those
+# error paths it reruns the call eagerly to measure the true need, as the eager check does. Its
+# zero output is added to the values that were read, so that no compiler drops it as unused.
 
 #: Spiking layers by ``_registry_key`` (an int is what a compiled graph can hold of a layer).
 _LAYER_REGISTRY: "weakref.WeakValueDictionary[int, _SpikingLayer]" = weakref.WeakValueDictionary()
@@ -270,41 +271,51 @@ _LAYER_NUMBERS = itertools.count()
 _BUFFERS = _STATUS[:3]
 
 
-class _CompiledCall:
-    """What ``_apply_status`` needs of a call checked in a compiled graph (no input to rerun)."""
-
-    input = None
-
-    def __init__(self, sizes: dict[str, int]):
-        self.sizes = sizes
-
-
 @torch.library.custom_op("spike_bridge::check_buffers", mutates_args=())
-def _check_buffers_op(statuses: list[torch.Tensor], layers: list[int],
-                      sizes: list[int]) -> torch.Tensor:
-    """Check the calls of ``layers`` (registry keys) with their ``statuses`` (``[4]`` int64 each)
-    and the buffer ``sizes`` they were traced with (3 per layer, ``-1``: not used); returns a
-    zero (int64, ``[]``) or raises."""
+def _check_buffers_op(
+    statuses: list[torch.Tensor], input_times: list[torch.Tensor],
+    input_rates: list[Optional[torch.Tensor]], input_bins: list[Optional[torch.Tensor]],
+    layers: list[int], sizes: list[int], bin_times: list[float], bin_counts: list[int],
+) -> torch.Tensor:
+    """Check layer calls made in a compiled graph; returns a zero (int64, ``[]``) or raises.
+
+    Per call ``i``: ``statuses[i]`` (``[4]`` int64, see ``_STATUS``), its input (times ``[B, N,
+    K]``, pseudo rates ``[B, N]`` or None, bin indices ``[B, N]`` or None with
+    ``bin_counts[i]`` bin times in ``bin_times``), ``layers[i]`` (registry key) and the buffer
+    sizes it was traced with (``sizes[3 i : 3 i + 3]``, ``-1``: not used).
+    """
     device = statuses[-1].device
     rows = _host_ints(torch.stack([status.to(device) for status in statuses]))
+    bin_offsets = list(itertools.accumulate(bin_counts, initial=0))
     for index, (key, row) in enumerate(zip(layers, rows)):
         layer = _LAYER_REGISTRY[key]
         call_sizes = {buffer: size for buffer, size in zip(_BUFFERS, sizes[3 * index:3 * index + 3])
                       if size >= 0}
         status = dict(zip(_STATUS, row))
-        if not layer._apply_status(status, _CompiledCall(call_sizes)):
+        if all(status[b] <= size for b, size in call_sizes.items()) and not status["invalid_inputs"]:
             continue
-        # It grew: the counts of the layers after it are of truncated inputs, not judged here.
+        bins = input_bins[index]
+        binned = None if bins is None else BinnedInput(
+            bins, tuple(bin_times[bin_offsets[index]:bin_offsets[index + 1]]))
+        input = Spikes(input_times[index], layer.T, pseudo_rate=input_rates[index], binned=binned)
+        call = _LayerCall(layer, input, statuses[index], call_sizes)
+        if not layer._apply_status(status, call):  # raises for a fixed buffer
+            continue
+        # An "auto" buffer grew (the counts of the layers after it are of truncated inputs, not
+        # judged). Grow it to the true need at once, so that one recompile is enough.
         buffer = next(b for b, size in call_sizes.items()
                       if status[b] > size and layer._adaptive[b])
-        raise BufferOverflowError(layer, buffer, status[buffer], call_sizes[buffer],
+        needed = layer._true_need(buffer, status[buffer], call)
+        setattr(layer, buffer, max(getattr(layer, buffer),
+                                   layer._grown(buffer, needed, call_sizes[buffer])))
+        raise BufferOverflowError(layer, buffer, needed, call_sizes[buffer],
                                   grown_to=getattr(layer, buffer))
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
 @_check_buffers_op.register_fake
-def _check_buffers_fake(statuses: list[torch.Tensor], layers: list[int],
-                        sizes: list[int]) -> torch.Tensor:
+def _check_buffers_fake(statuses, input_times, input_rates, input_bins, layers, sizes, bin_times,
+                        bin_counts) -> torch.Tensor:
     return statuses[-1].new_zeros(())
 
 
@@ -317,9 +328,17 @@ def _check_calls_in_graph(spikes: Spikes) -> None:
         output._call = None
     if not calls:
         return
-    sizes = [call.sizes.get(buffer, -1) for call in calls for buffer in _BUFFERS]
-    zero = _check_buffers_op([call.status for call in calls],
-                             [call.layer._registry_key for call in calls], sizes)
+    binned = [call.input.binned for call in calls]
+    zero = _check_buffers_op(
+        [call.status for call in calls],
+        [call.input._times for call in calls],
+        [call.input._pseudo_rate for call in calls],
+        [None if b is None else b.bin_index for b in binned],
+        [call.layer._registry_key for call in calls],
+        [call.sizes.get(buffer, -1) for call in calls for buffer in _BUFFERS],
+        [float(t) for b in binned if b is not None for t in b.bin_times],
+        [0 if b is None else len(b.bin_times) for b in binned],
+    )
     spikes._times = spikes._times + zero.to(spikes._times.dtype)
     if spikes._filled_times is not None:
         spikes._filled_times = spikes._filled_times + zero.to(spikes._filled_times.dtype)
@@ -380,10 +399,6 @@ class _SpikingLayer(nn.Module):
     """
 
     name: Optional[str]
-    #: Whether a call's status counts what overflowed exactly (feedforward kernels count on past
-    #: a full buffer; a recurrent run stops at its last event step, so its counts are bounds).
-    _exact_counts = True
-
     def __init__(self) -> None:
         super().__init__()
         self._register()
@@ -505,12 +520,6 @@ class _SpikingLayer(nn.Module):
 
     def _overflow_error(self, buffer: str, needed: int, size: int,
                         call: _LayerCall) -> BufferOverflowError:
-        if call.input is None and not self._exact_counts:  # a call checked in a compiled graph
-            return BufferOverflowError(
-                self, buffer, needed, size,
-                reason=f"a call needs more than {buffer}={size} (a compiled call does not "
-                       "measure how much more; an eager call does)",
-            )
         return BufferOverflowError(self, buffer, self._true_need(buffer, needed, call), size)
 
     def _true_need(self, buffer: str, needed: int, call: _LayerCall) -> int:
@@ -775,7 +784,6 @@ class SpikingRecurrent(_SpikingLayer):
     """
 
     weight_decay_parameters = ("recurrent_weight", "input_weight")
-    _exact_counts = False
 
     def __init__(self, in_features: int, num_neurons: int,
                  model: Union[str, NeuronModel] = "qif", T: float = 10.0,

@@ -201,17 +201,24 @@ def test_auto_buffer_grows_under_compile_and_the_next_call_recompiles():
     assert bool((first_times < T).all())
 
 
-def test_compiled_check_of_a_recurrent_layer_claims_no_exact_need():
-    """A recurrent run stops at its last event step, so under compile (no eager rerun to measure
-    the need) the error says only that more is needed. The op is called directly here."""
+def test_compiled_check_reports_the_true_need_where_the_kernel_counts_a_lower_bound():
+    """A recurrent run stops at its last event step, so its status holds a guess (twice the
+    buffer): the compiled graph's check reruns the call eagerly to measure the need, as the
+    eager check does. The op is called here as the compiled graph calls it."""
     from spike_bridge.nn import QIFRecurrent, _check_buffers_op
 
-    rec = QIFRecurrent(4, 3, max_events=4, max_spikes=16, name="rec")
-    status = torch.tensor([2, 8, 0, 0])  # max_spikes, max_events, max_input_spikes, invalid
-    with pytest.raises(BufferOverflowError,
-                       match=r"^rec: a call needs more than max_events=4 \(a compiled call"):
-        _check_buffers_op([status], [rec._registry_key], [16, 4, -1])
-    fits = torch.tensor([2, 4, 0, 0])
-    assert _check_buffers_op([fits], [rec._registry_key], [16, 4, -1]).item() == 0
-    with pytest.raises(ValueError, match=r"^rec: 3 input spike times are NaN or negative"):
-        _check_buffers_op([torch.tensor([2, 4, 0, 3])], [rec._registry_key], [16, 4, -1])
+    torch.manual_seed(0)
+    rec = QIFRecurrent(4, 3, T=T, max_events=4, max_spikes=16, input_weight=8.0,
+                       recurrent_scale=1.0, name="rec").double()
+    arguments = ([HOT_TIMES], [None], [None], [rec._registry_key], [16, 4, -1], [], [0])
+    with torch.no_grad():
+        with pytest.raises(BufferOverflowError) as eager_error:
+            rec(Spikes(HOT_TIMES, T)).times
+        status = rec(Spikes(HOT_TIMES, T))._call.status  # unchecked
+        with pytest.raises(BufferOverflowError, match=r"^rec: a sample needs \d+ events but "
+                           r"max_events=4; construct") as error:
+            _check_buffers_op([status], *arguments)
+    assert int(status[1]) < error.value.needed == eager_error.value.needed
+    with pytest.raises(ValueError, match=r"^rec: 1 input spike times are NaN or negative"):
+        _check_buffers_op([torch.tensor([1, 1, 0, 1])], *arguments)
+    assert _check_buffers_op([torch.tensor([1, 4, 0, 0])], *arguments).item() == 0

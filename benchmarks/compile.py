@@ -8,7 +8,8 @@ step (forward, first-spike loss, backward) at batch ``--batch-size``. Candidates
 and aot_eager). Compile time is the first compiled step minus the median eager step (the JAX
 kernels are compiled beforehand by eager warm-up steps, so it is torch's compile time). Step
 times are medians over ``--rounds`` interleaved rounds (one step of every candidate per round, in
-a shuffled order), each step waiting for its gradients.
+a shuffled order), each step waiting for its gradients. Inductor's compile time depends on its
+on-disk cache: for a cold number run with a fresh ``TORCHINDUCTOR_CACHE_DIR``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def main(argv=None) -> dict:
     compile_s = {}
     for backend in args.backends:
         torch._dynamo.reset()
-        compiled = torch.compile(network(), backend=backend)
+        net = network()
+        # the buffer sizes the eager steps settled on (under compile an "auto" buffer that
+        # grows raises once and recompiles, see README "torch.compile")
+        net.load_state_dict(eager.state_dict())
+        compiled = torch.compile(net, backend=backend)
         first = step(compiled, images, labels)
         compile_s[backend] = first - statistics.median(eager_times)
         step(compiled, images, labels)  # a second call may still compile (e.g. backward)
@@ -92,6 +97,9 @@ def main(argv=None) -> dict:
         "rounds": args.rounds,
         "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
         "step_s_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
+        # first and third quartiles over the rounds: how much the (shared) machine varied
+        "step_s_quartiles": {k: [round(q, 4) for q in statistics.quantiles(v, n=4)[::2]]
+                             for k, v in times.items()},
     }
     result["compiled_vs_eager"] = {
         k: round(result["step_s_median"][k] / result["step_s_median"]["eager"], 3)

@@ -22,6 +22,12 @@ instead. Either way nothing is truncated silently, and the check costs one devic
 transfer per network call: layers hand their outputs on unchecked, and the first read of a
 value (usually by the readout) checks all layers that led to it at once (see
 :class:`~spike_bridge.spikes.Spikes`).
+
+Under ``torch.compile`` (``fullgraph=True`` too) that check is the custom op
+``spike_bridge::check_buffers`` inside the graph (no graph break): it reads the statuses when the
+compiled graph runs and raises :class:`BufferOverflowError` for a fixed buffer; an ``"auto"``
+buffer that was too small grows and the call raises as well (``grown_to`` set), since the graph
+was traced with the old size: the next call recompiles for the new size.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -39,7 +46,7 @@ from jax_kernels import layers as kernel_layers
 from jax_kernels.models import MODELS, NeuronModel, PseudoNeuronModel, get_model
 from spike_bridge.bridge import jax_function, register_static_type, scoped_x64
 from spike_bridge.functional import ENCODER_INPUTS, binned_latency_encode, latency_encode
-from spike_bridge.spikes import Spikes
+from spike_bridge.spikes import BinnedInput, Spikes
 
 __all__ = [
     "BinnedLatencyEncoder",
@@ -99,18 +106,26 @@ class BufferOverflowError(RuntimeError):
         buffer: ``"max_spikes"`` (spikes per neuron) or ``"max_events"`` (event steps).
         needed: a size that fits this call.
         size: the size the call had.
+        grown_to: under ``torch.compile``, the size an ``"auto"`` buffer grew to (the next call
+            recompiles for it); ``None`` for a fixed buffer.
     """
 
-    def __init__(self, layer: nn.Module, buffer: str, needed: int, size: int, reason: str = ""):
+    def __init__(self, layer: nn.Module, buffer: str, needed: int, size: int, reason: str = "",
+                 grown_to: Optional[int] = None):
         self.layer, self.buffer, self.needed, self.size = layer, buffer, int(needed), int(size)
+        self.grown_to = grown_to
         what = reason or (
             f"a neuron spiked {needed} times" if buffer == "max_spikes"
             else f"a sample needs {needed} events"
         )
-        super().__init__(
-            f"{layer._name()}: {what} but {buffer}={size}; construct the layer with "
-            f"{buffer}>={needed}, or {buffer}='auto' to let it grow"
+        advice = (
+            f"construct the layer with {buffer}>={needed}, or {buffer}='auto' to let it grow"
+            if grown_to is None else
+            f"the 'auto' buffer grew to {grown_to}, but this torch.compile graph was traced "
+            f"with {buffer}={size}: call the network again (it recompiles once for the new "
+            "size), or let the sizes settle in eager mode first (they are saved in state_dict)"
         )
+        super().__init__(f"{layer._name()}: {what} but {buffer}={size}; {advice}")
 
     def __reduce__(self):
         return (RuntimeError, (str(self),))
@@ -177,6 +192,9 @@ class _LayerCall:
                  sizes: dict[str, int]):
         self.layer, self.input, self.status, self.sizes = layer, input, status, sizes
         self.grad_enabled = torch.is_grad_enabled()
+        if torch.compiler.is_compiling():  # checked by the check_buffers op, never rerun
+            self.tensors, self.versions = {}, {}
+            return
         self.tensors = dict(itertools.chain(layer.named_parameters(recurse=False),
                                             layer.named_buffers(recurse=False)))
         self.versions = {name: tensor._version for name, tensor in self.tensors.items()}
@@ -217,6 +235,9 @@ def _unchecked_chain(spikes: Spikes) -> list[Spikes]:
 def _check_calls(spikes: Spikes) -> None:
     """Check every unchecked layer call behind ``spikes`` with one transfer; rerun overflowed
     calls (and the calls after them) with grown buffers, then check those again."""
+    if torch.compiler.is_compiling():
+        _check_calls_in_graph(spikes)
+        return
     while True:
         chain = _unchecked_chain(spikes)
         if not chain:
@@ -234,6 +255,101 @@ def _check_calls(spikes: Spikes) -> None:
             return
         for output in chain[first_rerun:]:
             output._assign(output._call.rerun())
+
+
+# -- the check under torch.compile ---------------------------------------------------------------
+#
+# A host read in the traced forward would be a graph break (and an error with fullgraph=True), and
+# a rerun with grown buffers would change the graph's shapes. Under compilation the calls are
+# checked by the custom op below instead: opaque to dynamo, it reads all statuses with one
+# transfer when the compiled graph runs and raises BufferOverflowError (a fixed buffer) or grows
+# the "auto" buffer and raises (the graph was traced with the old size; the next call recompiles,
+# since dynamo guards on the size attributes). It is given each call's input as well: on those
+# error paths it reruns the call eagerly to measure the true need, as the eager check does. Its
+# zero output is added to the values that were read, so that no compiler drops it as unused.
+
+#: Spiking layers by ``_registry_key`` (an int is what a compiled graph can hold of a layer).
+_LAYER_REGISTRY: "weakref.WeakValueDictionary[int, _SpikingLayer]" = weakref.WeakValueDictionary()
+_LAYER_NUMBERS = itertools.count()
+#: Buffers of a status row, in order (``_STATUS`` without the invalid-input count).
+_BUFFERS = _STATUS[:3]
+
+
+@torch.library.custom_op("spike_bridge::check_buffers", mutates_args=())
+def _check_buffers_op(
+    statuses: list[torch.Tensor], input_times: list[torch.Tensor],
+    input_rates: list[Optional[torch.Tensor]], input_bins: list[Optional[torch.Tensor]],
+    layers: list[int], sizes: list[int], bin_times: list[float], bin_counts: list[int],
+) -> torch.Tensor:
+    """Check layer calls made in a compiled graph; returns a zero (int64, ``[]``) or raises.
+
+    Per call ``i``: ``statuses[i]`` (``[4]`` int64, see ``_STATUS``), its input (times ``[B, N,
+    K]``, pseudo rates ``[B, N]`` or None, bin indices ``[B, N]`` or None with
+    ``bin_counts[i]`` bin times in ``bin_times``), ``layers[i]`` (registry key) and the buffer
+    sizes it was traced with (``sizes[3 i : 3 i + 3]``, ``-1``: not used).
+    """
+    device = statuses[-1].device
+    rows = _host_ints(torch.stack([status.to(device) for status in statuses]))
+    bin_offsets = list(itertools.accumulate(bin_counts, initial=0))
+    for index, (key, row) in enumerate(zip(layers, rows)):
+        layer = _LAYER_REGISTRY[key]
+        call_sizes = {buffer: size for buffer, size in zip(_BUFFERS, sizes[3 * index:3 * index + 3])
+                      if size >= 0}
+        status = dict(zip(_STATUS, row))
+        if all(status[b] <= size for b, size in call_sizes.items()) and not status["invalid_inputs"]:
+            continue
+        bins = input_bins[index]
+        binned = None if bins is None else BinnedInput(
+            bins, tuple(bin_times[bin_offsets[index]:bin_offsets[index + 1]]))
+        input = Spikes(input_times[index], layer.T, pseudo_rate=input_rates[index], binned=binned)
+        call = _LayerCall(layer, input, statuses[index], call_sizes)
+        if not layer._apply_status(status, call):  # raises for a fixed buffer
+            continue
+        # An "auto" buffer grew (the counts of the layers after it are of truncated inputs, not
+        # judged). Grow it to the true need at once, so that one recompile is enough.
+        buffer = next(b for b, size in call_sizes.items()
+                      if status[b] > size and layer._adaptive[b])
+        needed = layer._true_need(buffer, status[buffer], call)
+        setattr(layer, buffer, max(getattr(layer, buffer),
+                                   layer._grown(buffer, needed, call_sizes[buffer])))
+        raise BufferOverflowError(layer, buffer, needed, call_sizes[buffer],
+                                  grown_to=getattr(layer, buffer))
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+@_check_buffers_op.register_fake
+def _check_buffers_fake(statuses, input_times, input_rates, input_bins, layers, sizes, bin_times,
+                        bin_counts) -> torch.Tensor:
+    return statuses[-1].new_zeros(())
+
+
+def _check_calls_in_graph(spikes: Spikes) -> None:
+    """Under torch.compile: check the calls behind ``spikes`` with the check_buffers op (in the
+    graph, no graph break) and make ``spikes``'s values depend on it."""
+    chain = _unchecked_chain(spikes)
+    calls = [s._call for s in chain if isinstance(s._call.layer, _SpikingLayer)]
+    for output in chain:
+        output._call = None
+    if not calls:
+        return
+    binned = [call.input.binned for call in calls]
+    zero = _check_buffers_op(
+        [call.status for call in calls],
+        [call.input._times for call in calls],
+        [call.input._pseudo_rate for call in calls],
+        [None if b is None else b.bin_index for b in binned],
+        [call.layer._registry_key for call in calls],
+        [call.sizes.get(buffer, -1) for call in calls for buffer in _BUFFERS],
+        [float(t) for b in binned if b is not None for t in b.bin_times],
+        [0 if b is None else len(b.bin_times) for b in binned],
+    )
+    spikes._times = spikes._times + zero.to(spikes._times.dtype)
+    if spikes._filled_times is not None:
+        spikes._filled_times = spikes._filled_times + zero.to(spikes._filled_times.dtype)
+    if spikes._pseudo_rate is not None:
+        spikes._pseudo_rate = spikes._pseudo_rate + zero.to(spikes._pseudo_rate.dtype)
+    if spikes._spike_count is not None:
+        spikes._spike_count = spikes._spike_count + zero.to(spikes._spike_count.dtype)
 
 
 def spiking_layers(net: nn.Module) -> list[nn.Module]:
@@ -287,6 +403,18 @@ class _SpikingLayer(nn.Module):
     """
 
     name: Optional[str]
+    def __init__(self) -> None:
+        super().__init__()
+        self._register()
+
+    def _register(self) -> None:
+        """A key of its own in ``_LAYER_REGISTRY`` (how a compiled graph's check finds it)."""
+        self._registry_key = next(_LAYER_NUMBERS)
+        _LAYER_REGISTRY[self._registry_key] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()  # a copy (copy.deepcopy, pickle) is a layer of its own
 
     def _init_buffers(self, **sizes: tuple[BufferSize, int]) -> None:
         """``name=(value, initial size)`` for each buffer: ``"auto"`` or a fixed int."""

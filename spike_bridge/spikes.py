@@ -43,7 +43,8 @@ class Spikes:
     device-to-host transfer. A layer whose buffer was too small is then rerun with a larger one
     (``max_spikes="auto"``) before the value is returned, or raises
     :class:`~spike_bridge.nn.BufferOverflowError` (a fixed buffer size). Spiking layers pass
-    values on without reading them, so a network is checked once, at its readout.
+    values on without reading them, so a network is checked once, at its readout. Under
+    ``torch.compile`` the check is a custom op in the graph (see :mod:`spike_bridge.nn`).
     """
 
     def __init__(

@@ -9,6 +9,7 @@ the compile time (``benchmarks/compile.py`` measures it).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -29,19 +30,6 @@ from spike_bridge.spikes import Spikes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 T = 2.0
-
-# What nn.py's forward still does under fullgraph=True: it reads event and spike counts on the
-# host (buffer sizing, overflow check), a data-dependent branch dynamo cannot put in one graph.
-# Owned by the nn.py rework (issue 11: device-side overflow flags, remembered buffer sizes); the
-# bridge itself compiles with fullgraph=True (test_bridged_layer_kernels_compile_fullgraph).
-NEEDS_NN_WITHOUT_HOST_READS = pytest.mark.xfail(
-    strict=True,
-    raises=(torch._dynamo.exc.UserError, torch._dynamo.exc.Unsupported,
-            torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode),
-    reason="the readout's buffer check reads the device once per network call (a graph "
-           "break); fullgraph needs that check moved out of the forward",
-)
-
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo_cache():
@@ -145,10 +133,7 @@ def _step(net, images, labels):
     return [first.detach(), loss.detach(), *torch.autograd.grad(loss, list(net.parameters()))]
 
 
-@pytest.mark.parametrize(
-    "fullgraph", [False, pytest.param(True, marks=NEEDS_NN_WITHOUT_HOST_READS)],
-    ids=["graph_breaks", "fullgraph"],
-)
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["default", "fullgraph"])
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_compiled_network_equals_eager(name, fullgraph, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
@@ -165,11 +150,75 @@ def test_compiled_network_equals_eager(name, fullgraph, monkeypatch):
     assert all(torch.isfinite(g).all() for g in eager[2:])
 
 
-def test_overflow_is_reported_under_compile():
-    layer = ThetaLinear(4, 3, max_spikes=1, name="hot").double()
+# ------------------------------------------------------------------------------------------------
+# Buffer checks in the compiled graph (the spike_bridge::check_buffers op)
+# ------------------------------------------------------------------------------------------------
+
+# Four inputs with weight 8 make each theta neuron spike twice before T.
+HOT_TIMES = torch.tensor([[[0.1], [0.5], [0.9], [1.3]]], dtype=torch.float64)
+
+
+def _hot_layer(max_spikes) -> ThetaLinear:
+    layer = ThetaLinear(4, 3, max_spikes=max_spikes, name="hot").double()
     with torch.no_grad():
         layer.weight.fill_(8.0)
-    compiled = torch.compile(nn.Sequential(layer, FirstSpikeTime()), backend="aot_eager")
-    times = torch.tensor([[[0.1], [0.5], [0.9], [1.3]]], dtype=torch.float64)
-    with pytest.raises(BufferOverflowError, match=r"^hot: a neuron spiked \d+ times"):
-        compiled(Spikes(times, T))
+    return layer
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["default", "fullgraph"])
+def test_fixed_buffer_overflow_is_reported_under_compile(fullgraph):
+    layer = _hot_layer(max_spikes=1)
+    with pytest.raises(BufferOverflowError) as eager_error:
+        layer(Spikes(HOT_TIMES, T)).times
+    compiled = torch.compile(nn.Sequential(layer, FirstSpikeTime()), fullgraph=fullgraph,
+                             backend="aot_eager")
+    with pytest.raises(BufferOverflowError, match=r"^hot: a neuron spiked 2 times but "
+                       r"max_spikes=1; construct the layer with max_spikes>=2") as error:
+        compiled(Spikes(HOT_TIMES, T))
+    assert error.value.needed == eager_error.value.needed == 2
+    assert error.value.grown_to is None and layer.max_spikes == 1
+
+
+def test_auto_buffer_grows_under_compile_and_the_next_call_recompiles():
+    """The compiled graph has the old size: the call raises after growing the buffer, and the
+    next call (recompiled for the new size) returns what eager mode returns."""
+    layer = _hot_layer(max_spikes="auto")
+    layer.max_spikes = 1  # below the need of 2
+    eager = nn.Sequential(copy.deepcopy(layer), FirstSpikeTime())  # a layer of its own
+    compiled = torch.compile(nn.Sequential(layer, FirstSpikeTime()), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(BufferOverflowError, match=r"^hot: a neuron spiked 2 times but "
+                       r"max_spikes=1; the 'auto' buffer grew to 2, .* call the network again"
+                       ) as error:
+        compiled(Spikes(HOT_TIMES, T))
+    assert error.value.grown_to == layer.max_spikes == 2
+    assert eager[0].max_spikes == 1  # the copy was not grown by the compiled call's check
+
+    first_times = compiled(Spikes(HOT_TIMES, T))
+    expected = eager(Spikes(HOT_TIMES, T))  # eager: grows and reruns within the call
+    assert eager[0].max_spikes == 2
+    _assert_same([first_times], [expected], "first spike times after the growth")
+    assert bool((first_times < T).all())
+
+
+def test_compiled_check_reports_the_true_need_where_the_kernel_counts_a_lower_bound():
+    """A recurrent run stops at its last event step, so its status holds a guess (twice the
+    buffer): the compiled graph's check reruns the call eagerly to measure the need, as the
+    eager check does. The op is called here as the compiled graph calls it."""
+    from spike_bridge.nn import QIFRecurrent, _check_buffers_op
+
+    torch.manual_seed(0)
+    rec = QIFRecurrent(4, 3, T=T, max_events=4, max_spikes=16, input_weight=8.0,
+                       recurrent_scale=1.0, name="rec").double()
+    arguments = ([HOT_TIMES], [None], [None], [rec._registry_key], [16, 4, -1], [], [0])
+    with torch.no_grad():
+        with pytest.raises(BufferOverflowError) as eager_error:
+            rec(Spikes(HOT_TIMES, T)).times
+        status = rec(Spikes(HOT_TIMES, T))._call.status  # unchecked
+        with pytest.raises(BufferOverflowError, match=r"^rec: a sample needs \d+ events but "
+                           r"max_events=4; construct") as error:
+            _check_buffers_op([status], *arguments)
+    assert int(status[1]) < error.value.needed == eager_error.value.needed
+    with pytest.raises(ValueError, match=r"^rec: 1 input spike times are NaN or negative"):
+        _check_buffers_op([torch.tensor([1, 1, 0, 1])], *arguments)
+    assert _check_buffers_op([torch.tensor([1, 4, 0, 0])], *arguments).item() == 0

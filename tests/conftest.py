@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,3 +49,24 @@ def readme_network() -> nn.Sequential:
         for layer in net[1:4]:
             layer.weight.mul_(16)
     return net
+
+
+# Jitted model methods (eager evaluation of the many small ops would dominate the test time).
+@partial(jax.jit, static_argnums=0)
+def flow(model, x, dt):
+    return model.flow(x, dt)
+
+
+@partial(jax.jit, static_argnums=0)
+def next_spike_dt(model, x):
+    return model.next_spike_dt(x)
+
+
+def assert_close_scaled(actual, expected, tol):
+    """``|actual - expected| <= tol * max(1, |expected|)`` elementwise (NaN fails)."""
+    actual, expected = np.broadcast_arrays(np.asarray(actual), np.asarray(expected))
+    scale = np.maximum(1.0, np.abs(expected))
+    bad = ~(np.abs(actual - expected) <= tol * scale)
+    assert not bad.any(), (
+        f"mismatch at {np.argwhere(bad).tolist()}: {actual[bad]} vs {expected[bad]}"
+    )

@@ -1,4 +1,4 @@
-"""The shared layered network of the kernel tests (tests/test_kernels.py, tests/test_conformance.py).
+"""The shared layered network of the kernel tests (test_kernels.py, test_conformance.py).
 
 Compile time dominates on CPU, so all layers have the same shapes (``N`` inputs and neurons, ``K``
 spike slots): one compiled layer (forward with VJP, and its backward) serves every layer, model and

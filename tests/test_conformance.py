@@ -33,7 +33,14 @@ import torch  # noqa: E402
 from scipy.integrate import solve_ivp  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from conftest import INPUT_TIMES, RECURRENT_CONFIG, assert_spikes_robust  # noqa: E402
+from conftest import (  # noqa: E402
+    INPUT_TIMES,
+    RECURRENT_CONFIG,
+    assert_close_scaled,
+    assert_spikes_robust,
+    flow,
+    next_spike_dt,
+)
 from jax_kernels.layers import cotangent_like  # noqa: E402
 from jax_kernels.models import MODELS, get_model  # noqa: E402
 from kernel_stack import (  # noqa: E402
@@ -57,28 +64,17 @@ from spike_bridge.nn import SpikingLinear, SpikingRecurrent  # noqa: E402
 from spike_bridge.spikes import Spikes  # noqa: E402
 
 NAMES = sorted(MODELS)
-model_id = repr
 
 
 def pseudo_model(name):
-    """The default model ``name``, or a skip (with the model's own reason) without pseudodynamics."""
+    """The default model ``name``; a skip, with the model's own reason, without pseudodynamics."""
     model = get_model(name)
     if not model.has_pseudodynamics:
         pytest.skip(f"{type(model).__name__}.has_pseudodynamics is False: no pseudospikes")
     return model
 
 
-# Jitted model methods (eager evaluation of the many small ops would dominate the test time).
-@partial(jax.jit, static_argnums=0)
-def flow(model, x, dt):
-    return model.flow(x, dt)
-
-
-@partial(jax.jit, static_argnums=0)
-def next_spike_dt(model, x):
-    return model.next_spike_dt(x)
-
-
+# Jitted model methods: flow and next_spike_dt from conftest.py.
 @partial(jax.jit, static_argnums=0)
 def receive(model, x, w):
     return model.receive(x, w)
@@ -151,12 +147,7 @@ def ode_spike_times(model, voltages, currents):
 
 def assert_close_abs(actual, expected, tol=TOL):
     """Agreement to ``tol`` relative to ``max(1, |expected|)``."""
-    actual, expected = np.broadcast_arrays(np.asarray(actual), np.asarray(expected))
-    scale = np.maximum(1.0, np.abs(expected))
-    bad = ~(np.abs(actual - expected) <= tol * scale)
-    assert not bad.any(), (
-        f"mismatch at {np.argwhere(bad).tolist()}: {actual[bad]} vs {expected[bad]}"
-    )
+    assert_close_scaled(actual, expected, tol)
 
 
 def assert_spike_times_match_ode(model, x, voltages, currents):

@@ -4,16 +4,14 @@ The checks every registered model goes through (closed forms against the ODE, re
 responses, pseudodynamics, gradients, continuity) are in tests/test_conformance.py.
 """
 
-from functools import partial
-
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from conftest import assert_close_scaled, flow, next_spike_dt  # noqa: E402
 from jax_kernels.models import LIF, MODELS, OscLIF, QIF, Theta, get_model  # noqa: E402
 
 TOL = 1e-6
@@ -23,24 +21,8 @@ def model_id(model):
     return repr(model)
 
 
-# Jitted model methods (eager evaluation of the many small ops would dominate the test time).
-@partial(jax.jit, static_argnums=0)
-def flow(model, x, dt):
-    return model.flow(x, dt)
-
-
-@partial(jax.jit, static_argnums=0)
-def next_spike_dt(model, x):
-    return model.next_spike_dt(x)
-
-
 def assert_close(actual, expected, tol=TOL):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    scale = np.maximum(1.0, np.abs(expected))
-    bad = ~(np.abs(actual - expected) <= tol * scale)
-    assert not bad.any(), (
-        f"mismatch at {np.argwhere(bad).tolist()}: {actual[bad]} vs {expected[bad]}"
-    )
+    assert_close_scaled(actual, expected, tol)
 
 
 # --- model-specific properties ---------------------------------------------------------------

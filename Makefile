@@ -34,14 +34,34 @@ demo: $(STAMP) data
 		--max-train-samples 4000 --max-test-samples 1000 --out outputs/demo
 
 # Three pytest processes rather than one: each compiles many JAX and torch.compile programs, and
-# one process holding all of them aborted once inside XLA's compiler late in the suite.
-TEST_GROUPS := "tests/test_compile.py tests/test_ddp.py" \
-	"tests/test_bridge.py tests/test_conv.py tests/test_data.py tests/test_examples_mnist.py tests/test_examples_other.py tests/test_fusion.py tests/test_gradients.py tests/test_kernels.py" \
+# one process holding all of them aborted once inside XLA's compiler late in the suite. They run
+# side by side (most of the time goes to single-threaded compiles and to example subprocesses);
+# each group's output is printed when all have finished. `make test TEST_PARALLEL=0` runs them
+# one after the other, with live output.
+# Files sharing compiled kernels (tests/kernel_stack.py: test_conformance, test_kernels) share a
+# group; the subprocess-heavy files (examples, DDP) fill another.
+TEST_GROUPS := "tests/test_compile.py tests/test_ddp.py tests/test_examples_mnist.py tests/test_examples_other.py" \
+	"tests/test_bridge.py tests/test_conformance.py tests/test_conv.py tests/test_data.py tests/test_fusion.py tests/test_kernels.py" \
 	"tests/test_library.py tests/test_models.py tests/test_nn.py tests/test_optim.py tests/test_plot.py tests/test_readme.py tests/test_reliability.py tests/test_yin_yang.py"
+TEST_PARALLEL ?= 1
+TEST_LOGS := outputs/test-logs
 test: $(STAMP) data
 	@missing=$$(ls tests/test_*.py | grep -v -x -F "$$(printf '%s\n' $(TEST_GROUPS) | tr ' ' '\n')"); \
 	if [ -n "$$missing" ]; then echo "test files in no TEST_GROUPS entry: $$missing"; exit 1; fi
-	@status=0; for group in $(TEST_GROUPS); do $(PY) -m pytest -q $$group || status=1; done; exit $$status
+	@if [ "$(TEST_PARALLEL)" = 0 ]; then \
+		status=0; for group in $(TEST_GROUPS); do $(PY) -m pytest -q $$group || status=1; done; \
+		exit $$status; \
+	fi; \
+	rm -rf $(TEST_LOGS); mkdir -p $(TEST_LOGS); i=0; \
+	for group in $(TEST_GROUPS); do \
+		i=$$((i + 1)); \
+		{ $(PY) -m pytest -q $$group > $(TEST_LOGS)/group$$i.log 2>&1; \
+		  echo $$? > $(TEST_LOGS)/group$$i.status; } & \
+	done; \
+	echo "$$i pytest processes running side by side; logs in $(TEST_LOGS)/"; wait; \
+	status=0; for log in $(TEST_LOGS)/group*.log; do \
+		echo "=== $$log"; cat $$log; [ "$$(cat $${log%.log}.status)" = 0 ] || status=1; \
+	done; exit $$status
 
 bench: $(STAMP) data
 	$(PY) -m pip install -e '.[bench]'

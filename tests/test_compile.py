@@ -21,12 +21,13 @@ from jax_kernels.models import Theta
 from spike_bridge.bridge import jax_function
 from spike_bridge.functional import first_spike_cross_entropy
 from spike_bridge.nn import (
-    BinnedLatencyEncoder,
     BufferOverflowError,
     FirstSpikeTime,
     ThetaLinear,
 )
 from spike_bridge.spikes import Spikes
+
+from conftest import readme_network
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 T = 2.0
@@ -101,19 +102,6 @@ def test_bridged_layer_kernels_compile_fullgraph():
 # ------------------------------------------------------------------------------------------------
 
 
-def _readme_network() -> nn.Sequential:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        BinnedLatencyEncoder(n_bins=1, T=2.0),
-        ThetaLinear(784, 100), ThetaLinear(100, 100), ThetaLinear(100, 10),
-        FirstSpikeTime(),
-    ).double()
-    with torch.no_grad():
-        for layer in net[1:4]:
-            layer.weight.mul_(16)  # active hidden layers, as in a trained network
-    return net
-
-
 def _hybrid_network() -> nn.Module:
     from spike_bridge.networks import HybridConvNet
 
@@ -122,7 +110,7 @@ def _hybrid_network() -> nn.Module:
 
 
 NETWORKS = {
-    "readme": (_readme_network, lambda: torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)),
+    "readme": (readme_network, lambda: torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)),
     "hybrid_conv": (_hybrid_network, lambda: torch.rand(4, 1, 28, 28, dtype=torch.float64)),
 }
 

@@ -80,7 +80,7 @@ def weighted_sum(outputs, cotangents):
 
 
 # Each fusion strategy once, each through one simulator path (theta fast path, generic QIF
-# scan): every case costs a compile.
+# scan): every case costs two compiles (outputs with gradients, fused and unfused).
 @pytest.mark.parametrize(
     "model, max_input_spikes",
     [(Theta(), None), (QIF(), N_IN * K_IN), (Theta(), N_IN * K_IN)],
@@ -91,17 +91,20 @@ def test_fused_events_equal_separate_events(model, max_input_spikes):
         args = problem(model)
         times = np.asarray(args[2])
         rng = np.random.default_rng(1)
-        reference = jax.jit(partial(unfused, model))(*args)
-        cotangents = [jnp.asarray(rng.normal(size=np.shape(x))) for x in reference[:4]]
+        shapes = jax.eval_shape(partial(unfused, model), *args)
+        cotangents = [jnp.asarray(rng.normal(size=x.shape)) for x in shapes[:4]]
 
-        def loss(fn, *a):
-            return weighted_sum(fn(*a), cotangents)
+        def outputs_and_gradients(fn):  # one compile for both
+            def loss(*a):
+                outputs = fn(*a)
+                return weighted_sum(outputs, cotangents), outputs
 
-        fused_fn = partial(fused, model, max_input_spikes)
-        out = jax.jit(fused_fn)(*args)
-        grads = jax.jit(jax.grad(partial(loss, fused_fn), argnums=(0, 1, 2, 3)))(*args)
-        reference_grads = jax.jit(jax.grad(partial(loss, partial(unfused, model)),
-                                           argnums=(0, 1, 2, 3)))(*args)
+            (_, outputs), grads = jax.jit(
+                jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+            return outputs, grads
+
+        out, grads = outputs_and_gradients(partial(fused, model, max_input_spikes))
+        reference, reference_grads = outputs_and_gradients(partial(unfused, model))
 
     counts = np.asarray(reference[4])
     assert counts.sum() > 0 and counts.max() >= 2  # spikes, and neurons spiking repeatedly

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import spike_bridge
-from jax_kernels.models import MODELS, NeuronModel
+from jax_kernels.models import NeuronModel
 from spike_bridge import functional as F
 from spike_bridge.evaluation import evaluate
 from spike_bridge.networks import HybridConvNet, mlp
@@ -404,20 +404,6 @@ def test_copies_keep_initial_states_in_range(duplicate):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_registered_model_builds_feedforward_and_recurrent_layers(name):
-    model_type = MODELS[name]
-    layer = SpikingLinear(3, 2, model=name, T=T)
-    assert isinstance(layer.model, model_type)
-    assert SpikingLinear(3, 2, model=model_type(), T=T).model == model_type()
-    spikes = _latency_input(2, 3)
-    out = layer(spikes)
-    assert out.times.shape[:2] == (2, 2)
-    recurrent = SpikingRecurrent(3, 2, model=name, T=T)
-    assert isinstance(recurrent.model, model_type)
-    assert recurrent(spikes).times.shape[:2] == (2, 2)
-
-
 def test_model_parameters_by_keyword_and_unknown_names():
     layer = SpikingLinear(3, 2, model="theta", I0=1.5)
     assert layer.model.I0 == 1.5 and layer.model.tau == pytest.approx(6 / 3.141592653589793)
@@ -453,22 +439,6 @@ def test_hybrid_conv_net_is_part_of_the_library():
     with spike_bridge.record(net) as recording:
         net(torch.randn(3, 1, 28, 28))
     assert list(recording) == ["hidden", "output"]
-
-
-def test_every_registered_model_goes_through_the_model_checks():
-    """A model added to the registry must be added to the shared checks too (ODE reference,
-    finite differences, layer-by-layer vs whole network): they run per setup entry."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import test_gradients
-        import test_kernels
-        import test_models
-    finally:
-        sys.path.remove(str(REPO / "tests"))
-    registered = set(MODELS.values())
-    assert {type(m) for m in test_models.MODEL_VARIANTS} >= registered
-    assert {type(m) for m in test_gradients.SETUPS} >= registered
-    assert {type(m) for m in test_kernels.SETUPS} >= registered
 
 
 def test_rerun_of_an_overflowed_call_uses_the_parameters_of_that_call():

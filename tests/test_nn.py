@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from spike_bridge import functional as F
 from spike_bridge.data import bin_pixels
@@ -32,21 +31,13 @@ from spike_bridge.nn import (
 )
 from spike_bridge.spikes import Spikes
 
+from conftest import INPUT_TIMES, RECURRENT_CONFIG, readme_network
+
 T = 2.0
 THETA = 6.0  # free period of the default theta neuron (tau = 6/pi, I0 = 5/4)
 
-# Continuous input spike times [B=2, N_in=4, K_in=2] (as from a LatencyEncoder): all distinct, away
-# from each other, from 0 and from T; two of them fall after T (not part of the trial).
-TIMES = torch.tensor(
-    [[[0.10, 0.90], [0.35, 2.50], [0.60, 1.30], [0.20, 1.70]],
-     [[0.45, 1.10], [0.05, 0.75], [1.45, 2.20], [0.30, 1.90]]],
-    dtype=torch.float64,
-)
-
-# The recurrent network shared by the gradcheck and the training test (one set of compiles).
-REC_T = 3.0
-REC_CONFIG = dict(T=REC_T, max_events=32, max_spikes=2, recurrent_scale=1.0,
-                  learn_input_weights=True)
+TIMES = INPUT_TIMES  # [B=2, N_in=4, K_in=2], see conftest.py
+REC_T = RECURRENT_CONFIG["T"]
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -108,16 +99,8 @@ def _check_theta_stack_against_whole_network():
     import jax.numpy as jnp
 
     images, labels = _mnist_digits()
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        BinnedLatencyEncoder(n_bins=1, T=2.0),
-        ThetaLinear(784, 100), ThetaLinear(100, 100), ThetaLinear(100, 10),
-        FirstSpikeTime(),
-    ).double()
+    net = readme_network()
     layers = list(net[1:4])
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.mul_(16)  # hidden activity like a trained network
 
     encoded = net[0](images)
     hidden1 = layers[0](encoded)
@@ -162,66 +145,6 @@ def _check_theta_stack_against_whole_network():
             assert expected.abs().max() > 0
             # measured 2.4e-13 (relative to the largest entry)
             assert _relative_error(actual, expected) <= 1e-12
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. gradcheck of every layer type w.r.t. weights, initial states and input spike times
-# ------------------------------------------------------------------------------------------------
-
-
-def _assert_spikes_robust(out: Spikes, input_times: torch.Tensor, T: float, margin=1e-3):
-    """Ordinary spikes exist and none is within ``margin`` of the trial end or an input spike
-    (where a perturbation could add, remove or reorder events)."""
-    spikes = out.times[torch.isfinite(out.times)]
-    assert spikes.numel() > 0
-    assert (spikes - T).abs().min() > margin
-    assert (spikes[:, None] - input_times.flatten()[None]).abs().min() > margin
-
-
-@pytest.mark.parametrize(
-    "layer_cls, low, high",
-    [
-        (ThetaLinear, -1.0, 3.0),
-        (QIFLinear, 1.0, 4.0),  # positive weights, so that QIF and LIF neurons spike
-        (LIFLinear, 1.0, 2.5),
-        (OscLIFLinear, -0.3, 0.3),
-    ],
-)
-def test_feedforward_layer_gradcheck(layer_cls, low, high):
-    torch.manual_seed(0)
-    layer = layer_cls(4, 3, max_spikes=3).double()
-    with torch.no_grad():
-        layer.weight.uniform_(low, high)
-
-    def f(weight, initial_state, times):
-        out = functional_call(layer, {"weight": weight, "initial_state": initial_state},
-                              (Spikes(times, T),))
-        if out.filled_times is None:  # LIF: no pseudospikes
-            return torch.where(torch.isfinite(out.times), out.times, 0), out
-        # one output tensor: one gradient pattern, so one backward compile
-        return torch.cat([out.filled_times.flatten(), out.pseudo_rate.flatten()]), out
-
-    args = [t.detach().clone().requires_grad_() for t in
-            (layer.weight, layer.initial_state, TIMES)]
-    _assert_spikes_robust(f(*args)[1].detach(), TIMES, T)
-    assert torch.autograd.gradcheck(lambda *a: f(*a)[0], args)
-
-
-def test_recurrent_gradcheck():
-    torch.manual_seed(0)
-    rec = QIFRecurrent(4, 3, **REC_CONFIG).double()
-    with torch.no_grad():
-        rec.input_weight.uniform_(0.5, 2.0)
-
-    def f(recurrent_weight, input_weight, initial_state, times):
-        return functional_call(
-            rec, {"recurrent_weight": recurrent_weight, "input_weight": input_weight,
-                  "initial_state": initial_state}, (Spikes(times, REC_T),))
-
-    args = [t.detach().clone().requires_grad_() for t in
-            (rec.recurrent_weight, rec.input_weight, rec.initial_state, TIMES)]
-    _assert_spikes_robust(f(*args).detach(), TIMES, REC_T)
-    assert torch.autograd.gradcheck(lambda *a: f(*a).filled_times, args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -663,7 +586,7 @@ def test_latency_encoder_gradients_reach_preceding_linear():
 
 def test_recurrent_network_outputs_and_learns_a_spike_time():
     torch.manual_seed(0)
-    rec = QIFRecurrent(4, 3, **REC_CONFIG).double()
+    rec = QIFRecurrent(4, 3, **RECURRENT_CONFIG).double()
     inputs = Spikes(TIMES, REC_T)
     with torch.no_grad():
         out = rec(inputs)

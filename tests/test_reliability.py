@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from jax_kernels.models import MODELS
 from spike_bridge.functional import first_spike_cross_entropy
 from spike_bridge.nn import (
     BufferOverflowError,
@@ -25,6 +26,7 @@ from spike_bridge.nn import (
     QIFLinear,
     QIFRecurrent,
     SpikeTimes,
+    SpikingLinear,
     ThetaLinear,
 )
 from spike_bridge.spikes import Spikes
@@ -33,7 +35,6 @@ T = 2.0
 TIMES = torch.tensor([[[0.1], [0.5], [0.9], [1.3]], [[0.3], [0.7], [1.1], [1.7]]],
                      dtype=torch.float64)
 RATES = torch.full((2, 4), 0.25, dtype=torch.float64)
-LAYERS = [ThetaLinear, QIFLinear, LIFLinear, OscLIFLinear]
 
 
 def _first_times(layer, spikes):
@@ -47,28 +48,28 @@ def _first_times(layer, spikes):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layer_cls", LAYERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("where", ["weight", "initial_state"])
-def test_nan_parameter_gives_nan_outputs_for_its_neuron(layer_cls, where):
+def test_nan_parameter_gives_nan_outputs_for_its_neuron(name, where):
     torch.manual_seed(0)
-    layer = layer_cls(4, 3, dtype=torch.float64)
+    layer = SpikingLinear(4, 3, model=name, dtype=torch.float64)
     with torch.no_grad():
         getattr(layer, where)[0 if where == "initial_state" else 1, 1] = math.nan
     first, out = _first_times(layer, Spikes(TIMES, T, pseudo_rate=RATES))
     assert torch.isnan(first[:, 1]).all()
     assert torch.isnan(out.times[:, 1]).all()
-    if out.pseudo_rate is not None and layer.pseudo and layer_cls is not LIFLinear:
+    if out.pseudo_rate is not None and layer.pseudo and layer.model.has_pseudodynamics:
         assert torch.isnan(out.pseudo_rate[:, 1]).all()
     # the other neurons are untouched (none of their inputs is NaN)
     assert not torch.isnan(first[:, [0, 2]]).any()
     assert (out.counts[:, 1] == 0).all()  # no garbage count that could raise a false overflow
 
 
-@pytest.mark.parametrize("layer_cls", [ThetaLinear, QIFLinear, OscLIFLinear],
-                         ids=lambda c: c.__name__)
-def test_nan_input_pseudo_rate_gives_nan_outputs_for_its_sample(layer_cls):
+@pytest.mark.parametrize("name", [name for name in sorted(MODELS)
+                                  if MODELS[name].has_pseudodynamics])
+def test_nan_input_pseudo_rate_gives_nan_outputs_for_its_sample(name):
     torch.manual_seed(0)
-    layer = layer_cls(4, 3, dtype=torch.float64)
+    layer = SpikingLinear(4, 3, model=name, dtype=torch.float64)
     rates = RATES.clone()
     rates[1, 2] = math.nan
     first, out = _first_times(layer, Spikes(TIMES, T, pseudo_rate=rates))

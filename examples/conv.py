@@ -96,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--w-scale", type=float, default=2.0)
     parser.add_argument("--max-spikes", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="training time budget: the cosine decay runs over this wall time "
+                             "and training stops after the epoch that exceeds it (--epochs "
+                             "is then a maximum)")
     parser.add_argument("--lr-final", type=float, default=0.0,
                         help="final learning rate as a fraction of --lr (cosine schedule)")
     parser.add_argument("--batch-size", type=int, default=100)
@@ -143,19 +147,27 @@ def main(argv=None) -> Path:
     print(net, flush=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     steps = args.epochs * math.ceil(per_epoch / args.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=steps, eta_min=args.lr * args.lr_final)
+    started = time.perf_counter()
+    if args.max_minutes is None:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=steps, eta_min=args.lr * args.lr_final)
+    else:
+        def decay(_step):  # cosine in the elapsed share of the time budget
+            elapsed = min(1.0, (time.perf_counter() - started) / (60 * args.max_minutes))
+            return args.lr_final + (1 - args.lr_final) * 0.5 * (1 + math.cos(math.pi * elapsed))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     shuffle = torch.Generator().manual_seed(args.seed)
 
     def loss_fn(first_times, labels):
         return first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
 
-    history, started = [], time.perf_counter()
+    history = []
     for epoch in range(1, args.epochs + 1):
         subset = torch.randperm(len(train[1]), generator=shuffle)[:per_epoch]
         history.append(train_and_evaluate(
             net, batches(train[0][subset], train[1][subset], args.batch_size, shuffle),
-            batches(*epoch_test, 500), optimizer, schedule, loss_fn, epoch, started,
+            batches(*epoch_test, 100), optimizer, schedule, loss_fn, epoch, started,
             log_every=20,
         ))
         h = history[-1]
@@ -165,8 +177,11 @@ def main(argv=None) -> Path:
               f"{h['test_activity']:.3f}, {h['seconds']:.0f} s", flush=True)
         write_json(out / "metrics.json", {"config": vars(args), "history": history})
         plot_learning_curves(history, out / "learning_curves.png")
+        if args.max_minutes is not None and h["seconds"] > 60 * args.max_minutes:
+            print(f"time budget of {args.max_minutes} min used: stopping after epoch {epoch}")
+            break
     training_seconds = time.perf_counter() - started
-    metrics = evaluate(net, batches(*test, 500), loss_fn)
+    metrics = evaluate(net, batches(*test, 100), loss_fn)
     final = {
         "test_samples": metrics["samples"], "test_accuracy": metrics["accuracy"],
         "test_accuracy_ordinary": metrics["accuracy_ordinary"], "test_loss": metrics["loss"],

@@ -234,6 +234,13 @@ def theta_conv_sample(
     )
     spike_count = jnp.zeros((n_neurons,), jnp.int32).at[found_target].add(1, mode="drop")
     found_time = jnp.concatenate([spike_time.reshape(-1), end_spike_time])
+    # Only the first N K found spikes (in time order) are sorted, not all E C_out k^2 + N
+    # candidates: they hold every neuron's spikes unless a neuron spiked more than K times,
+    # which spike_count reports as an overflow (the output is then invalid anyway).
+    kept = jnp.nonzero(found, size=min(n_neurons * max_spikes, found.shape[0]),
+                       fill_value=found.shape[0])[0]
+    found_target = found_target.at[kept].get(mode="fill", fill_value=n_neurons)
+    found_time = found_time.at[kept].get(mode="fill", fill_value=jnp.inf)
     order = jnp.argsort(found_target, stable=True)
     target, found_time = found_target[order], found_time[order]
     position = jnp.arange(target.shape[0])

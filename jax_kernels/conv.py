@@ -45,9 +45,11 @@ def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> 
 
 def check_conv_geometry(in_shape: tuple[int, int, int], kernel_size: int, stride: int,
                         padding: int) -> tuple[int, int]:
-    """Validate the geometry; return the output grid ``(H', W')``."""
-    if len(in_shape) != 3 or any(not isinstance(n, int) or n < 1 for n in in_shape):
-        raise ValueError(f"in_shape must be (C, H, W) of positive ints, got {in_shape!r}")
+    """Validate the geometry (``in_shape`` a tuple or list); return the output grid
+    ``(H', W')``."""
+    if (not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in in_shape)):
+        raise ValueError(f"`in_shape` must be (C, H, W), three positive ints, got {in_shape!r}")
     for name, value, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1),
                              ("padding", padding, 0)):
         if not isinstance(value, int) or value < low:

@@ -969,13 +969,6 @@ _conv_binned_kernel = jax_function(
 )
 
 
-def _grid_shape(argument: str, value) -> tuple[int, int, int]:
-    shape = tuple(value) if isinstance(value, (tuple, list)) else None
-    if shape is None or len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
-        raise ValueError(f"`{argument}` must be (C, H, W), three positive ints, got {value!r}")
-    return shape
-
-
 class SpikingConv2d(_FeedforwardLayer):
     r"""2-D convolution of theta neurons on spike grids, with exact gradients.
 
@@ -1025,10 +1018,10 @@ class SpikingConv2d(_FeedforwardLayer):
         dtype=None,
     ):
         super().__init__()
-        self.in_shape = _grid_shape("in_shape", in_shape)
-        if not isinstance(out_channels, int) or out_channels < 1:
+        out_hw = conv_kernels.check_conv_geometry(in_shape, kernel_size, stride, padding)
+        self.in_shape = tuple(in_shape)
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"`out_channels` must be a positive int, got {out_channels!r}")
-        out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, padding)
         self.model = get_model("theta", tau=tau, I0=I0)
         if not 0 < T < self.model.period:
             raise ValueError(
@@ -1114,9 +1107,9 @@ class EarliestSpikePool2d(nn.Module):
     def __init__(self, in_shape: tuple[int, int, int], kernel_size: int,
                  stride: Optional[int] = None, spikes_per_window: Optional[int] = None):
         super().__init__()
-        self.in_shape = _grid_shape("in_shape", in_shape)
         stride = kernel_size if stride is None else stride
-        out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, 0)
+        out_hw = conv_kernels.check_conv_geometry(in_shape, kernel_size, stride, 0)
+        self.in_shape = tuple(in_shape)
         if spikes_per_window is not None and (
             isinstance(spikes_per_window, bool) or not isinstance(spikes_per_window, int)
             or spikes_per_window < 1

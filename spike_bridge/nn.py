@@ -406,10 +406,7 @@ class _SpikingLayer(nn.Module):
         largest = {buffer: max(recent.get(buffer, 0) for recent in self._recent_needs)
                    for buffer in needs}
         for buffer, need in largest.items():
-            if buffer == "max_spikes":
-                smaller = 1 << max(2 * need - 1, 0).bit_length()
-            else:
-                smaller = _rounded(2 * need)
+            smaller = self._grown(buffer, 2 * need, 0)  # the sizes growth gives (few compiles)
             if smaller < getattr(self, buffer):
                 setattr(self, buffer, smaller)
                 self._recent_needs = []

@@ -12,7 +12,6 @@ from pathlib import Path
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import spike_bridge  # noqa: F401
 
 import torch
 from torch import nn

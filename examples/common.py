@@ -8,10 +8,9 @@ Import it from a script in ``examples/`` (the script's folder is on ``sys.path``
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
-
 
 import torch
 from torch import nn

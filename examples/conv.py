@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bins", type=int, default=1, help="input time bins (1: binary image)")
     parser.add_argument("--T", type=float, default=2.0)
     parser.add_argument("--w-scale", type=float, default=2.0)
-    parser.add_argument("--max-spikes", type=int, default=4)
+    parser.add_argument("--max-spikes", type=lambda v: v if v == "auto" else int(v),
+                        default="auto", help="spike buffer per neuron: 'auto' (grows) or an int")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="training time budget: the cosine decay runs over this wall time "

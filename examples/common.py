@@ -8,15 +8,15 @@ Import it from a script in ``examples/`` (the script's folder is on ``sys.path``
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
-
-import spike_bridge  # noqa: F401
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from spike_bridge import plot
+from spike_bridge.evaluation import evaluate
 from spike_bridge.recording import record
 
 PathLike = Union[str, os.PathLike]
@@ -73,3 +73,47 @@ def plot_example(net: nn.Module, inputs: torch.Tensor, label: int, out_dir: Path
     plot.first_spike_times(first_times[0].cpu(), label=int(label),
                            pseudo_mask=(spikes[-1].counts[0] == 0).cpu(), T=T, path=paths[1])
     return paths
+
+
+def batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
+            generator: Optional[torch.Generator] = None):
+    """``(inputs, labels)`` batches of in-memory tensors, shuffled with ``generator`` (if given)."""
+    order = (torch.randperm(len(labels), generator=generator) if generator is not None
+             else torch.arange(len(labels)))
+    for start in range(0, len(labels), batch_size):
+        index = order[start : start + batch_size]
+        yield inputs[index], labels[index]
+
+
+def train_and_evaluate(net: nn.Module, train_batches: Iterable, test_batches: Iterable,
+                       optimizer: torch.optim.Optimizer, schedule: Any,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       epoch: int, started: float, log_every: int = 0) -> dict[str, Any]:
+    """One epoch of training (a scheduler step per batch), then :func:`evaluate` on
+    ``test_batches``; returns the epoch's record (the keys :func:`plot_learning_curves` reads,
+    ``seconds`` since ``started``, per-layer activity)."""
+    net.train()
+    loss_sum = correct = samples = 0.0
+    for step, (inputs, labels) in enumerate(train_batches, 1):
+        first_times = net(inputs)
+        loss = loss_fn(first_times, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        samples += len(labels)
+        loss_sum += float(loss.detach()) * len(labels)
+        correct += float((first_times.argmin(-1) == labels).sum())
+        if log_every and step % log_every == 0:
+            print(f"epoch {epoch} step {step}: train loss {loss_sum / samples:.4f}, accuracy "
+                  f"{correct / samples:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
+    metrics = evaluate(net, test_batches, loss_fn)
+    return {
+        "epoch": epoch, "train_loss": loss_sum / samples, "train_accuracy": correct / samples,
+        "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"],
+        "test_accuracy_ordinary": metrics["accuracy_ordinary"],
+        "test_activity": metrics["activity"],
+        "test_silent_fraction": metrics["silent_fraction"],
+        "test_activity_per_layer": metrics["activity_per_layer"],
+        "seconds": time.perf_counter() - started,
+    }

@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import spike_bridge  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP)
-
 import torch
 from torch import nn
 
@@ -34,7 +32,7 @@ from spike_bridge.nn import FirstSpikeTime, ThetaLinear
 from spike_bridge.spikes import Spikes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_learning_curves  # noqa: E402
+from common import batches, plot_learning_curves, train_and_evaluate  # noqa: E402
 
 from spike_bridge.checkpoint import write_json  # noqa: E402
 from spike_bridge.evaluation import evaluate  # noqa: E402
@@ -89,14 +87,6 @@ def build_network(args: argparse.Namespace, dtype: torch.dtype) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-def batches(dataset: YinYangDataset, batch_size: int, generator=None):
-    order = (torch.randperm(len(dataset), generator=generator) if generator is not None
-             else torch.arange(len(dataset)))
-    for start in range(0, len(dataset), batch_size):
-        index = order[start : start + batch_size]
-        yield dataset.inputs[index], dataset.labels[index]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0,
@@ -144,33 +134,19 @@ def main(argv=None) -> Path:
     )
     shuffle = torch.Generator().manual_seed(args.seed)
 
-    def test_loss(first_times, labels):
+    def loss_fn(first_times, labels):
         return first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
 
     history, best = [], (-1.0, None)
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        net.train()
-        loss_sum = correct = 0.0
-        for inputs, labels in batches(train, args.batch_size, shuffle):
-            first_times = net(inputs)
-            loss = first_spike_cross_entropy(first_times, labels, args.T, args.gamma)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += float((first_times.argmin(-1) == labels).sum())
-        metrics = evaluate(net, batches(validation, 1000), test_loss)
-        history.append({
-            "epoch": epoch, "train_loss": loss_sum / len(train),
-            "train_accuracy": correct / len(train), "test_loss": metrics["loss"],
-            "test_accuracy": metrics["accuracy"],
-            "test_accuracy_ordinary": metrics["accuracy_ordinary"],
-            "test_activity": metrics["activity"], "seconds": time.perf_counter() - started,
-        })
-        if metrics["accuracy"] > best[0]:
-            best = (metrics["accuracy"], copy.deepcopy(net.state_dict()), epoch)
+        history.append(train_and_evaluate(
+            net, batches(train.inputs, train.labels, args.batch_size, shuffle),
+            batches(validation.inputs, validation.labels, 1000), optimizer, schedule, loss_fn,
+            epoch, started,
+        ))
+        if history[-1]["test_accuracy"] > best[0]:
+            best = (history[-1]["test_accuracy"], copy.deepcopy(net.state_dict()), epoch)
         if not args.quiet:
             h = history[-1]
             print(f"epoch {epoch:3d}  train loss {h['train_loss']:.4f} "
@@ -180,7 +156,7 @@ def main(argv=None) -> Path:
                   f"  {h['seconds']:.0f} s", flush=True)
     wall = time.perf_counter() - started
     net.load_state_dict(best[1])
-    final = evaluate(net, batches(test, 1000), test_loss)
+    final = evaluate(net, batches(test.inputs, test.labels, 1000), loss_fn)
     result = {
         "test_accuracy": final["accuracy"], "test_accuracy_ordinary": final["accuracy_ordinary"],
         "best_validation_accuracy": best[0], "best_epoch": best[2],

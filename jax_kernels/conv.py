@@ -30,7 +30,12 @@ from jax import Array, lax
 
 from jax_kernels.layers import LayerOutput
 from jax_kernels.models.theta import Theta
-from jax_kernels.simulate import earliest_input_spikes, filled_spike_times
+from jax_kernels.simulate import (
+    BatchEvents,
+    batched_feedforward_layer,
+    earliest_input_spikes,
+    filled_spike_times,
+)
 
 
 def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
@@ -40,9 +45,11 @@ def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> 
 
 def check_conv_geometry(in_shape: tuple[int, int, int], kernel_size: int, stride: int,
                         padding: int) -> tuple[int, int]:
-    """Validate the geometry; return the output grid ``(H', W')``."""
-    if len(in_shape) != 3 or any(not isinstance(n, int) or n < 1 for n in in_shape):
-        raise ValueError(f"in_shape must be (C, H, W) of positive ints, got {in_shape!r}")
+    """Validate the geometry (``in_shape`` a tuple or list); return the output grid
+    ``(H', W')``."""
+    if (not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in in_shape)):
+        raise ValueError(f"`in_shape` must be (C, H, W), three positive ints, got {in_shape!r}")
     for name, value, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1),
                              ("padding", padding, 0)):
         if not isinstance(value, int) or value < low:
@@ -55,6 +62,50 @@ def check_conv_geometry(in_shape: tuple[int, int, int], kernel_size: int, stride
             f"{height}x{width}; use a smaller kernel or more padding"
         )
     return out
+
+
+def _checked_geometry(caller: str, model, weights: Array, in_shape, stride: int, padding: int,
+                      T: float) -> tuple[int, int]:
+    """The one validation of a conv layer's arguments; returns the output grid ``(H', W')``."""
+    if not isinstance(model, Theta):
+        raise TypeError(f"{caller}: `model` must be a Theta neuron, got {model!r}")
+    if not T < model.period:
+        raise ValueError(
+            f"{caller}: needs T < the theta period {model.period} (at most one spike "
+            f"between a neuron's inputs), got T={T}"
+        )
+    if weights.ndim != 4 or weights.shape[2] != weights.shape[3]:
+        raise ValueError(f"{caller}: weights must be [C_out, C_in, k, k], got shape "
+                         f"{weights.shape}")
+    if weights.shape[1] != in_shape[0]:
+        raise ValueError(
+            f"{caller}: weights have {weights.shape[1]} input channels but in_shape is {in_shape}"
+        )
+    return check_conv_geometry(in_shape, weights.shape[-1], stride, padding)
+
+
+def _convolve(values: Array, weights: Array, in_shape, stride: int, padding: int) -> Array:
+    """``[M, C_in H W]`` -> ``[M, C_out H' W']``: the convolution, flattened channel-major."""
+    out = lax.conv_general_dilated(
+        values.reshape(values.shape[0], *in_shape).astype(weights.dtype), weights,
+        window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+        precision=lax.Precision.HIGHEST,
+    )
+    return out.reshape(values.shape[0], -1)
+
+
+def _pseudo_outputs(model: Theta, spike_times, spike_count, final_phase, drive, T, pseudo):
+    """``(filled_times [B, N, K], pseudo_rate [B, N])`` of a layer with final phases
+    ``[B, N]`` and pseudo drive ``[B, N]`` (``None``: zeros); without pseudospikes the spike
+    times themselves and zero rates."""
+    if not pseudo:
+        return spike_times, jnp.zeros(final_phase.shape, final_phase.dtype)
+    if drive is None:
+        drive = jnp.zeros(final_phase.shape, final_phase.dtype)
+    filled = jax.vmap(filled_spike_times, in_axes=(None, 0, 0, 0, 0, None))(
+        model, spike_times, spike_count, final_phase[:, None, :], drive, T
+    )
+    return filled, model.pseudo_rate(final_phase[None], drive)  # [D = 1, B, N] states
 
 
 def _patches(source: Array, weights: Array, in_shape, out_shape, stride: int, padding: int):
@@ -117,7 +168,8 @@ def theta_conv_sample(
     max_events: int,
     max_spikes: int,
 ):
-    """Simulate one sample of a theta convolutional layer.
+    """Simulate one sample of a theta convolutional layer (arguments as validated by
+    :func:`theta_conv_layer`, which vmaps this over a batch).
 
     Args:
         model: the theta neuron (``T < model.period``).
@@ -131,8 +183,8 @@ def theta_conv_sample(
     """
     dtype = initial_phase.dtype
     kernel_size = weights.shape[-1]
-    out_hw = check_conv_geometry(in_shape, kernel_size, stride, padding)
-    out_shape = (weights.shape[0], *out_hw)
+    out_shape = (weights.shape[0], *(conv_output_size(n, kernel_size, stride, padding)
+                                     for n in in_shape[1:]))
     n_neurons = math.prod(out_shape)
     root = math.sqrt(model.I0 - 0.25)
     angular_speed = root / model.tau  # pi / Theta
@@ -184,6 +236,13 @@ def theta_conv_sample(
     )
     spike_count = jnp.zeros((n_neurons,), jnp.int32).at[found_target].add(1, mode="drop")
     found_time = jnp.concatenate([spike_time.reshape(-1), end_spike_time])
+    # Only the first N K found spikes (in time order) are sorted, not all E C_out k^2 + N
+    # candidates: they hold every neuron's spikes unless a neuron spiked more than K times,
+    # which spike_count reports as an overflow (the output is then invalid anyway).
+    kept = jnp.nonzero(found, size=min(n_neurons * max_spikes, found.shape[0]),
+                       fill_value=found.shape[0])[0]
+    found_target = found_target.at[kept].get(mode="fill", fill_value=n_neurons)
+    found_time = found_time.at[kept].get(mode="fill", fill_value=jnp.inf)
     order = jnp.argsort(found_target, stable=True)
     target, found_time = found_target[order], found_time[order]
     position = jnp.arange(target.shape[0])
@@ -231,20 +290,7 @@ def theta_conv_layer(
         :class:`~jax_kernels.layers.LayerOutput` over the ``N = C_out H' W'`` neurons,
         channel-major; ``final_state`` ``[B, 1, N]``.
     """
-    if not isinstance(model, Theta):
-        raise TypeError(f"theta_conv_layer: `model` must be a Theta neuron, got {model!r}")
-    if not T < model.period:
-        raise ValueError(
-            f"theta_conv_layer: needs T < the theta period {model.period} (at most one spike "
-            f"between a neuron's inputs), got T={T}"
-        )
-    if weights.ndim != 4 or weights.shape[2] != weights.shape[3]:
-        raise ValueError(f"weights must be [C_out, C_in, k, k], got shape {weights.shape}")
-    if weights.shape[1] != in_shape[0]:
-        raise ValueError(
-            f"weights have {weights.shape[1]} input channels but in_shape is {in_shape}"
-        )
-    out_hw = check_conv_geometry(in_shape, weights.shape[-1], stride, padding)
+    out_hw = _checked_geometry("theta_conv_layer", model, weights, in_shape, stride, padding, T)
     n_positions = out_hw[0] * out_hw[1]
     phase = jnp.repeat(initial_phase[0], n_positions)
 
@@ -255,24 +301,63 @@ def theta_conv_layer(
         )
 
     spike_times, spike_count, final_phase, n_dropped = jax.vmap(one_sample)(input_times)
-    final_state = final_phase[:, None, :]
-    batch = input_times.shape[0]
-    if pseudo:
-        if input_rate is None:
-            drive = jnp.zeros(final_phase.shape, final_phase.dtype)
-        else:
-            drive = lax.conv_general_dilated(
-                input_rate.reshape(batch, *in_shape).astype(weights.dtype), weights,
-                window_strides=(stride, stride), padding=[(padding, padding)] * 2,
-            ).reshape(batch, -1)
-        filled = jax.vmap(filled_spike_times, in_axes=(None, 0, 0, 0, 0, None))(
-            model, spike_times, spike_count, final_state, drive, T
-        )
-        rate = model.pseudo_rate(final_phase[None], drive)  # [D = 1, B, N] states
-    else:
-        filled = spike_times
-        rate = jnp.zeros(final_phase.shape, final_phase.dtype)
+    drive = (None if input_rate is None or not pseudo
+             else _convolve(input_rate, weights, in_shape, stride, padding))
+    filled, rate = _pseudo_outputs(model, spike_times, spike_count, final_phase, drive, T, pseudo)
     # Every input spike is its own event here (no fusion): events needed = spikes in the trial.
     n_input_spikes = jnp.sum(input_times < T, axis=(1, 2), dtype=jnp.int32)
-    return LayerOutput(spike_times, spike_count, final_state, filled, rate, n_dropped,
-                       n_input_spikes, n_input_spikes)
+    return LayerOutput(spike_times, spike_count, final_phase[:, None, :], filled, rate,
+                       n_dropped, n_input_spikes, n_input_spikes)
+
+
+def theta_conv_binned_layer(
+    weights: Array,
+    initial_phase: Array,
+    bin_index: Array,
+    *,
+    bin_times: tuple[float, ...],
+    model: Theta,
+    in_shape: tuple[int, int, int],
+    stride: int,
+    padding: int,
+    T: float,
+    max_spikes: int,
+    pseudo: bool = True,
+) -> LayerOutput:
+    """A theta convolutional layer on binned (time-to-first-spike encoded) inputs.
+
+    Input ``i`` of sample ``b`` spikes once at ``bin_times[bin_index[b, i]]`` (never if
+    ``bin_index >= len(bin_times)``). The inputs sharing a bin kick at the same time, and theta
+    kicks add (``V -> V + sum w``), so each bin is one event whose kicks are one convolution of
+    the bin's input grid: the cost follows the number of bins, not of input spikes (the
+    dense layer's ``binned_spiking_layer`` with the unrolled weights, which it equals). No
+    gradient w.r.t. the input times (they are fixed bins); input pseudo rates are zero (an
+    encoder's).
+
+    Args:
+        weights: ``[C_out, C_in, k, k]``; initial_phase: ``[1, C_out]``.
+        bin_index: ``[B, C_in H W]`` integers. bin_times: ascending bin times (static tuple).
+        model, in_shape, stride, padding, T, max_spikes, pseudo: as :func:`theta_conv_layer`.
+
+    Returns:
+        :class:`~jax_kernels.layers.LayerOutput` over the ``N = C_out H' W'`` neurons;
+        ``n_input_events`` counts the occupied bins.
+    """
+    out_hw = _checked_geometry("theta_conv_binned_layer", model, weights, in_shape, stride,
+                               padding, T)
+    batch, n_bins = bin_index.shape[0], len(bin_times)
+    membership = bin_index[:, None, :] == jnp.arange(n_bins)[None, :, None]  # [B, bins, N_in]
+    kicks = _convolve(membership.reshape(batch * n_bins, -1), weights, in_shape, stride, padding)
+    kicks = jnp.swapaxes(kicks.reshape(batch, n_bins, -1), 0, 1)  # [bins, B, N]
+    members = jnp.sum(membership, axis=2, dtype=jnp.int32)
+    times = jnp.where(members > 0, jnp.asarray(bin_times, weights.dtype)[None, :], jnp.inf)
+    events = BatchEvents(times, kicks, jnp.sum(members > 0, axis=1, dtype=jnp.int32),
+                         jnp.sum(members, axis=1, dtype=jnp.int32),
+                         jnp.zeros((batch,), jnp.int32))
+    phase = jnp.repeat(initial_phase, out_hw[0] * out_hw[1], axis=1)  # [1, N]
+    result = batched_feedforward_layer(model, events, phase, T, max_spikes)
+    final_phase = result.final_state[:, 0, :]
+    filled, rate = _pseudo_outputs(model, result.spike_times, result.spike_count, final_phase,
+                                   None, T, pseudo)
+    return LayerOutput(result.spike_times, result.spike_count, result.final_state, filled, rate,
+                       events.n_dropped, events.n_events, events.n_spikes)

@@ -535,10 +535,10 @@ class _SpikingLayer(nn.Module):
         largest = {buffer: max(recent.get(buffer, 0) for recent in self._recent_needs)
                    for buffer in needs}
         for buffer, need in largest.items():
-            if buffer == "max_spikes":
-                smaller = 1 << max(2 * need - 1, 0).bit_length()
-            else:  # event buffers are multiples of EVENT_BUCKET: less headroom needed
-                smaller = _rounded(need + need // 4 + 1)
+            # Headroom: twice the need in spike slots; event buffers (multiples of EVENT_BUCKET)
+            # 5/4. Sizes as growth rounds them (few compiled shapes).
+            target = 2 * need if buffer == "max_spikes" else need + need // 4 + 1
+            smaller = self._grown(buffer, target, 0)
             if smaller < getattr(self, buffer):
                 setattr(self, buffer, smaller)
                 self._recent_needs = []
@@ -594,7 +594,60 @@ class _SpikingLayer(nn.Module):
         return self._run(spikes)
 
 
-class SpikingLinear(_SpikingLayer):
+class _FeedforwardLayer(_SpikingLayer):
+    """What the feedforward layers (:class:`SpikingLinear`, :class:`SpikingConv2d`) share: one
+    ``weight`` whose first axis is the output (neuron or channel) and whose other axes are the
+    fan-in, initial states, buffers ``max_spikes`` / ``max_events``, the input checks and the
+    empty output of a batch of size 0.
+
+    Subclasses set ``self.model``, ``in_features``, ``out_features`` and call
+    :meth:`_init_feedforward`.
+    """
+
+    #: Parameters that are weights (for :func:`spike_bridge.optim.parameter_groups`).
+    weight_decay_parameters = ("weight",)
+
+    def _init_feedforward(self, weight_shape: tuple[int, ...], n_states: int, T: float,
+                          max_spikes: BufferSize, max_events: BufferSize, w_scale: float,
+                          pseudo: bool, learn_initial_state: bool, name: Optional[str],
+                          factory: dict, **extra_buffers: tuple[BufferSize, int]) -> None:
+        """Attributes, buffers (``max_spikes`` from 8, ``max_events`` from
+        :data:`EVENT_BUCKET`, ``extra_buffers`` as :meth:`_init_buffers`), ``weight``
+        ``weight_shape`` and ``initial_state [D, n_states]``, then :meth:`reset_parameters`."""
+        self.T, self.w_scale, self.pseudo, self.name = float(T), float(w_scale), bool(pseudo), name
+        self._init_buffers(max_spikes=(max_spikes, 8), max_events=(max_events, EVENT_BUCKET),
+                           **extra_buffers)
+        self.weight = nn.Parameter(torch.empty(*weight_shape, **factory))
+        self._init_initial_state(n_states, learn_initial_state, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference initialisation: weights uniform in ``+-w_scale / sqrt(fan_in)``, the
+        model's default initial states."""
+        bound = self.w_scale / math.sqrt(self.weight[0].numel())
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            self.initial_state.copy_(self._default_state.expand_as(self.initial_state))
+
+    @property
+    def _pseudo_active(self) -> bool:
+        return self.pseudo and isinstance(self.model, PseudoNeuronModel)
+
+    def _check_input(self, spikes: Spikes) -> Spikes:
+        return _check_spikes(
+            spikes, self, self.in_features, self.T, self.weight.dtype, self.weight.device
+        )
+
+    def _empty_output(self) -> Spikes:
+        shape = (0, self.out_features, self.max_spikes)
+        empty = self.weight.new_empty(shape)
+        return Spikes(empty, self.T, filled_times=empty if self._pseudo_active else None,
+                      pseudo_rate=self.weight.new_empty(shape[:2]) if self._pseudo_active else None,
+                      spike_count=torch.zeros(shape[:2], dtype=torch.int32,
+                                              device=self.weight.device))
+
+
+class SpikingLinear(_FeedforwardLayer):
     r"""Fully connected feedforward layer of spiking neurons (any registered neuron model).
 
     Every input spike reaches every neuron with weight ``weight[i, j]``. The neurons are simulated
@@ -629,9 +682,6 @@ class SpikingLinear(_SpikingLayer):
         max_spikes, max_events: the current buffer sizes.
     """
 
-    #: Parameters that are weights (for :func:`spike_bridge.optim.parameter_groups`).
-    weight_decay_parameters = ("weight",)
-
     def __init__(
         self,
         in_features: int,
@@ -654,45 +704,18 @@ class SpikingLinear(_SpikingLayer):
                 raise ValueError(f"{argument} must be a positive int, got {value!r}")
         if not T > 0:
             raise ValueError(f"T (trial duration) must be positive, got {T}")
-        factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
-        self.model, self.T = _resolve_model(model, model_params), float(T)
-        self.w_scale, self.pseudo = float(w_scale), bool(pseudo)
-        self.name = name
+        self.model = _resolve_model(model, model_params)
         # max_input_spikes: the gathered input spikes of a fused event buffer (internal, always
         # adaptive; jax_kernels.layers.event_buffer_sizes decides whether it is used).
-        self._init_buffers(max_spikes=(max_spikes, 8), max_events=(max_events, EVENT_BUCKET),
-                           max_input_spikes=("auto", EVENT_BUCKET))
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self._init_initial_state(out_features, learn_initial_state, factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Reference initialisation: uniform weights, the model's default initial states."""
-        bound = self.w_scale / math.sqrt(self.in_features)
-        with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
-            self.initial_state.copy_(self._default_state.expand_as(self.initial_state))
+        self._init_feedforward(
+            (out_features, in_features), out_features, T, max_spikes, max_events, w_scale,
+            pseudo, learn_initial_state, name, {"device": device, "dtype": dtype},
+            max_input_spikes=("auto", EVENT_BUCKET),
+        )
 
     def _sizes_text(self) -> str:
         return f"{self.in_features}->{self.out_features}"
-
-    @property
-    def _pseudo_active(self) -> bool:
-        return self.pseudo and isinstance(self.model, PseudoNeuronModel)
-
-    def _check_input(self, spikes: Spikes) -> Spikes:
-        return _check_spikes(
-            spikes, self, self.in_features, self.T, self.weight.dtype, self.weight.device
-        )
-
-    def _empty_output(self) -> Spikes:
-        shape = (0, self.out_features, self.max_spikes)
-        empty = self.weight.new_empty(shape)
-        return Spikes(empty, self.T, filled_times=empty if self._pseudo_active else None,
-                      pseudo_rate=self.weight.new_empty(shape[:2]) if self._pseudo_active else None,
-                      spike_count=torch.zeros(shape[:2], dtype=torch.int32,
-                                              device=self.weight.device))
 
     def _run(self, spikes: Spikes) -> Spikes:
         initial_state = self.clamped_initial_state()
@@ -1068,16 +1091,14 @@ _conv_kernel = jax_function(
     static_argnames=("model", "in_shape", "stride", "padding", "T", "max_events", "max_spikes",
                      "pseudo"),
 )
+_conv_binned_kernel = jax_function(
+    conv_kernels.theta_conv_binned_layer,
+    static_argnames=("bin_times", "model", "in_shape", "stride", "padding", "T", "max_spikes",
+                     "pseudo"),
+)
 
 
-def _grid_shape(argument: str, value) -> tuple[int, int, int]:
-    shape = tuple(value) if isinstance(value, (tuple, list)) else None
-    if shape is None or len(shape) != 3 or any(not isinstance(n, int) or n < 1 for n in shape):
-        raise ValueError(f"`{argument}` must be (C, H, W), three positive ints, got {value!r}")
-    return shape
-
-
-class SpikingConv2d(_SpikingLayer):
+class SpikingConv2d(_FeedforwardLayer):
     r"""2-D convolution of theta neurons on spike grids, with exact gradients.
 
     Neuron ``(o, i, j)`` receives input ``(c, y, x)`` with weight ``weight[o, c, y - i s + p,
@@ -1106,8 +1127,6 @@ class SpikingConv2d(_SpikingLayer):
         kept in ``[0, Theta]``.
     """
 
-    weight_decay_parameters = ("weight",)
-
     def __init__(
         self,
         in_shape: tuple[int, int, int],
@@ -1128,52 +1147,28 @@ class SpikingConv2d(_SpikingLayer):
         dtype=None,
     ):
         super().__init__()
-        self.in_shape = _grid_shape("in_shape", in_shape)
-        if not isinstance(out_channels, int) or out_channels < 1:
+        out_hw = conv_kernels.check_conv_geometry(in_shape, kernel_size, stride, padding)
+        self.in_shape = tuple(in_shape)
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"`out_channels` must be a positive int, got {out_channels!r}")
-        out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, padding)
         self.model = get_model("theta", tau=tau, I0=I0)
         if not 0 < T < self.model.period:
             raise ValueError(
                 f"`T` must be in (0, {self.model.period:g}) (below the theta period, so a "
                 f"neuron spikes at most once between its inputs), got {T!r}"
             )
-        factory = {"device": device, "dtype": dtype}
         self.out_channels, self.kernel_size = out_channels, kernel_size
         self.stride, self.padding = stride, padding
         self.out_shape = (out_channels, *out_hw)
         self.in_features, self.out_features = math.prod(self.in_shape), math.prod(self.out_shape)
-        self.T = float(T)
-        self._init_buffers(max_spikes=(max_spikes, 8), max_events=(max_events, EVENT_BUCKET))
-        self.w_scale, self.pseudo, self.name = float(w_scale), bool(pseudo), name
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, self.in_shape[0], kernel_size, kernel_size, **factory)
+        self._init_feedforward(
+            (out_channels, self.in_shape[0], kernel_size, kernel_size), out_channels, T,
+            max_spikes, max_events, w_scale, pseudo, learn_initial_state, name,
+            {"device": device, "dtype": dtype},
         )
-        self._init_initial_state(out_channels, learn_initial_state, factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Uniform weights ``+-w_scale / sqrt(C_in k^2)``, initial phases ``Theta / 2``."""
-        bound = self.w_scale / math.sqrt(self.in_shape[0] * self.kernel_size ** 2)
-        with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
-            self.initial_state.copy_(self._default_state.expand_as(self.initial_state))
 
     def _sizes_text(self) -> str:
         return f"{self.in_shape}->{self.out_shape}, k={self.kernel_size}"
-
-    def _check_input(self, spikes: Spikes) -> Spikes:
-        return _check_spikes(
-            spikes, self, self.in_features, self.T, self.weight.dtype, self.weight.device
-        )
-
-    def _empty_output(self) -> Spikes:
-        shape = (0, self.out_features, self.max_spikes)
-        empty = self.weight.new_empty(shape)
-        return Spikes(empty, self.T, filled_times=empty if self.pseudo else None,
-                      pseudo_rate=self.weight.new_empty(shape[:2]) if self.pseudo else None,
-                      spike_count=torch.zeros(shape[:2], dtype=torch.int32,
-                                              device=self.weight.device))
 
     def _grown(self, buffer: str, needed: int, size: int) -> int:
         if buffer == "max_spikes":
@@ -1184,17 +1179,26 @@ class SpikingConv2d(_SpikingLayer):
 
     def _run(self, spikes: Spikes) -> Spikes:
         times = spikes._times
-        rate = spikes._pseudo_rate if self.pseudo else None
-        sizes = {"max_spikes": self.max_spikes, "max_events": self.max_events}
-        out = _conv_kernel(
-            self.weight, self.clamped_initial_state(), times, rate, model=self.model,
-            in_shape=self.in_shape, stride=self.stride, padding=self.padding, T=self.T,
-            max_events=self.max_events, max_spikes=self.max_spikes, pseudo=self.pseudo,
-        )
-        events_needed = (times < self.T).sum((1, 2)).max()  # one event per input spike
+        geometry = {"model": self.model, "in_shape": self.in_shape, "stride": self.stride,
+                    "padding": self.padding, "T": self.T, "max_spikes": self.max_spikes,
+                    "pseudo": self.pseudo}
+        if spikes.binned is not None and not times.requires_grad:
+            # Binned input (an encoder's): one convolution per bin instead of an event per spike.
+            sizes = {"max_spikes": self.max_spikes}
+            out = _conv_binned_kernel(self.weight, self.clamped_initial_state(),
+                                      spikes.binned.bin_index,
+                                      bin_times=spikes.binned.bin_times, **geometry)
+            events_needed = invalid = torch.zeros((), dtype=torch.int64,
+                                                  device=self.weight.device)
+        else:
+            sizes = {"max_spikes": self.max_spikes, "max_events": self.max_events}
+            rate = spikes._pseudo_rate if self.pseudo else None
+            out = _conv_kernel(self.weight, self.clamped_initial_state(), times, rate,
+                               max_events=self.max_events, **geometry)
+            events_needed = (times < self.T).sum((1, 2)).max()  # one event per input spike
+            invalid = _invalid_times(times)
         status = torch.stack(
-            [out.spike_count.max(), events_needed, torch.zeros_like(events_needed),
-             _invalid_times(times)]
+            [out.spike_count.max(), events_needed, torch.zeros_like(events_needed), invalid]
         ).to(torch.int64)
         result = Spikes(
             times=out.spike_times, T=self.T,
@@ -1221,17 +1225,28 @@ class EarliestSpikePool2d(nn.Module):
     Args:
         in_shape: ``(C, H, W)`` of the input grid; kernel_size; stride (default
             ``kernel_size``), as ``torch.nn.MaxPool2d`` without padding.
+        spikes_per_window: ``K``, the earliest spikes passed on per window (e.g. 1: first
+            spikes only, fewer events for the next layer); default: as many as the input has per
+            neuron.
 
-    Shapes: input :class:`Spikes` ``[B, C H W, K]``; output ``[B, C H' W', K]``,
+    Shapes: input :class:`Spikes` ``[B, C H W, K_in]``; output ``[B, C H' W', K]``,
     ``out_shape = (C, H', W')``.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], kernel_size: int,
-                 stride: Optional[int] = None):
+                 stride: Optional[int] = None, spikes_per_window: Optional[int] = None):
         super().__init__()
-        self.in_shape = _grid_shape("in_shape", in_shape)
         stride = kernel_size if stride is None else stride
-        out_hw = conv_kernels.check_conv_geometry(self.in_shape, kernel_size, stride, 0)
+        out_hw = conv_kernels.check_conv_geometry(in_shape, kernel_size, stride, 0)
+        self.in_shape = tuple(in_shape)
+        if spikes_per_window is not None and (
+            isinstance(spikes_per_window, bool) or not isinstance(spikes_per_window, int)
+            or spikes_per_window < 1
+        ):
+            raise ValueError(
+                f"`spikes_per_window` must be a positive int or None, got {spikes_per_window!r}"
+            )
+        self.spikes_per_window = spikes_per_window
         self.kernel_size, self.stride = kernel_size, stride
         self.out_shape = (self.in_shape[0], *out_hw)
 
@@ -1262,7 +1277,10 @@ class EarliestSpikePool2d(nn.Module):
     def _run(self, spikes: Spikes) -> Spikes:
         # Pools the unchecked values and passes the layers' checks on (a rerun of a layer
         # before reruns this pooling too), so a network is still checked once, at its readout.
+        # Each window holds K_in k^2 spikes; the earliest min(K, that) are passed on.
         k = spikes._times.shape[-1]
+        if self.spikes_per_window is not None:
+            k = min(self.spikes_per_window, k * self.kernel_size ** 2)
         times = self._pool(spikes._times, k)
         filled, rate = spikes._filled_times, spikes._pseudo_rate
         result = Spikes(
@@ -1281,4 +1299,4 @@ class EarliestSpikePool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_shape={self.in_shape}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"out_shape={self.out_shape}")
+                f"spikes_per_window={self.spikes_per_window}, out_shape={self.out_shape}")

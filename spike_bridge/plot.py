@@ -17,11 +17,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["raster", "first_spike_times", "traces", "learning_curves", "spike_timing"]
+__all__ = ["raster", "first_spike_times", "feature_maps", "traces", "learning_curves",
+           "spike_timing"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -246,6 +248,76 @@ def first_spike_times(
         title += " (all silent: no prediction)"
     ax.set_title(title)
     return _finish(fig, path)
+
+
+def feature_maps(
+    times: Any,
+    T: float,
+    shape: Optional[Sequence[int]] = None,
+    titles: Optional[Sequence[str]] = None,
+    max_channels: int = 16,
+    path: Optional[PathLike] = None,
+) -> Figure:
+    """First-spike times of a convolutional layer's neurons as images, one row per sample.
+
+    Args:
+        times: ``[S, C, H, W]`` first-spike time of each neuron of ``S`` samples, or ``[S, N]``
+            / ``[S, N, K]`` (the layer's output ``Spikes.times``, the first column is used) with
+            ``shape = (C, H, W)``, ``N = C H W`` channel-major; ``+inf``/NaN or ``>= T`` =
+            silent in the trial.
+        T: trial duration (the colour scale runs from 0 to ``T``).
+        shape: ``(C, H, W)`` when ``times`` is flattened.
+        titles: one label per sample (row), e.g. its class; optional.
+        max_channels: channels shown per sample (the first ones).
+        path: if given, save the figure there as PNG.
+
+    Returns:
+        The figure: one image per sample and channel, early spikes bright, late ones dark,
+        silent neurons grey.
+    """
+    T = _check_T(T)
+    values = _to_numpy(times)
+    if values.ndim == 3 and shape is not None:
+        values = values[..., 0]
+    if shape is not None:
+        if values.ndim != 2 or len(shape) != 3 or values.shape[1] != math.prod(shape):
+            raise ValueError(
+                f"times of shape {values.shape} do not flatten the grid shape={tuple(shape)}; "
+                "give [S, C*H*W] or [S, C*H*W, K] times with shape=(C, H, W)"
+            )
+        values = values.reshape(values.shape[0], *shape)
+    if values.ndim != 4 or values.shape[0] < 1:
+        raise ValueError(
+            f"times must be [S, C, H, W] (or flattened with shape=(C, H, W)), got {values.shape}"
+        )
+    if titles is not None and len(titles) != values.shape[0]:
+        raise ValueError(f"titles: one per sample ({values.shape[0]}), got {len(titles)}")
+    if max_channels < 1:
+        raise ValueError(f"max_channels must be >= 1, got {max_channels}")
+    n_samples, channels = values.shape[0], min(values.shape[1], max_channels)
+    silent = ~np.isfinite(values) | (values >= T)
+    masked = np.ma.masked_array(np.where(silent, 0.0, values), mask=silent)
+    colormap = matplotlib.colormaps["viridis_r"].with_extremes(bad="#bbbbbb")
+    fig = Figure(figsize=(1.2 * channels + 1.5, 1.2 * n_samples + 0.4), layout="constrained")
+    grid = fig.subplots(n_samples, channels, squeeze=False)
+    image = None
+    for row in range(n_samples):
+        for channel in range(channels):
+            ax = grid[row, channel]
+            image = ax.imshow(masked[row, channel], cmap=colormap, vmin=0.0, vmax=T,
+                              interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"channel {channel}", fontsize=7)
+        if titles is not None:
+            grid[row, 0].set_ylabel(str(titles[row]), fontsize=7)
+    fig.colorbar(image, ax=grid, fraction=0.02, pad=0.01, label="first spike time (grey: silent)")
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=_SAVE_DPI, format="png")
+    return fig
 
 
 def traces(

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from spike_bridge.functional import first_spike_cross_entropy
 from spike_bridge.nn import (
+    BinnedLatencyEncoder,
     BufferOverflowError,
     EarliestSpikePool2d,
     FirstSpikeTime,
@@ -93,11 +95,7 @@ def test_conv_equals_dense_layer_with_unrolled_weights(in_shape, c_out, k, strid
 
 
 def test_gradients_through_conv_pool_linear_match_finite_differences():
-    torch.manual_seed(2)
-    conv = SpikingConv2d((1, 5, 5), 2, 3, padding=1, w_scale=5.0, max_spikes=2).double()
-    pool = EarliestSpikePool2d(conv.out_shape, 2)
-    linear = ThetaLinear(math.prod(pool.out_shape), 3, w_scale=3.0, max_spikes=2).double()
-    readout = FirstSpikeTime()
+    conv, pool, linear, readout = conv_pool_linear()
     times, _ = random_input((3, 25), k_in=1, seed=3, silent=0.2)
 
     def forward(conv_weight, conv_state, linear_weight, times):
@@ -114,6 +112,126 @@ def test_gradients_through_conv_pool_linear_match_finite_differences():
     args = [t.detach().clone().requires_grad_()
             for t in (conv.weight, conv.initial_state, linear.weight, times)]
     assert torch.autograd.gradcheck(lambda *a: forward(*a)[0], args)
+
+
+def conv_pool_linear(seed=2):
+    """The small conv -> pool -> linear stack shared by the tests below (one set of compiled
+    shapes): 1x5x5 input, 2 channels 3x3 with padding 1, pooled 2x2, 3 theta outputs."""
+    torch.manual_seed(seed)
+    conv = SpikingConv2d((1, 5, 5), 2, 3, padding=1, w_scale=5.0, max_spikes=2).double()
+    pool = EarliestSpikePool2d(conv.out_shape, 2)
+    linear = ThetaLinear(math.prod(pool.out_shape), 3, w_scale=3.0, max_spikes=2).double()
+    return conv, pool, linear, FirstSpikeTime()
+
+
+def test_binned_input_equals_the_same_input_as_spike_times():
+    """An encoder's binned input takes one convolution per bin (theta_conv_binned_layer); the
+    event-driven kernel on the same spike times is the oracle (values and gradients)."""
+    conv, *_ = conv_pool_linear()
+    encoder = BinnedLatencyEncoder(3, T).double()
+    pixels = torch.randint(0, 256, (3, 25), generator=torch.Generator().manual_seed(6),
+                           dtype=torch.uint8)
+    binned = encoder(pixels)
+    assert binned.binned is not None
+    got, expected = conv(binned), conv(Spikes(binned._times, T))
+    assert int(expected.spike_count.sum()) > 10
+    assert torch.equal(got.spike_count, expected.spike_count)
+    finite = torch.isfinite(expected.times)
+    assert torch.equal(finite, torch.isfinite(got.times))
+    torch.testing.assert_close(got.times[finite], expected.times[finite], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.filled_times, expected.filled_times, rtol=0, atol=1e-12)
+    parameters = [conv.weight, conv.initial_state]
+    grads = torch.autograd.grad(torch.tanh(got.filled_times).sum(), parameters)
+    expected_grads = torch.autograd.grad(torch.tanh(expected.filled_times).sum(), parameters)
+    for a, b in zip(grads, expected_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _bisect(spikes_in_trial, low: float, high: float) -> tuple[float, float]:
+    """``(a, b)``, ``b - a`` at float64 resolution, with ``spikes_in_trial(a) !=
+    spikes_in_trial(b)`` (the given ends must differ)."""
+    at_low = spikes_in_trial(low)
+    assert spikes_in_trial(high) != at_low
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            break
+        if spikes_in_trial(middle) == at_low:
+            low = middle
+        else:
+            high = middle
+    return low, high
+
+
+@pytest.mark.parametrize("crossing", ["weight", "input time"])
+def test_pseudospike_continuity_as_a_spike_leaves_the_trial(crossing):
+    """A conv neuron's last spike moved past ``T`` becomes its pseudospike at ``T``: the layer's
+    output times (spikes and pseudospikes) and a loss on them are continuous across the point,
+    float64, while its spike count jumps. (Its pseudo rate ``phi_end / Theta`` jumps from 1 to
+    0 there by the method's design, as in the dense layer: the ordinary spike takes over.)"""
+    conv, *_ = conv_pool_linear()
+    neuron = 2 * 5 + 2  # channel 0, centre of the 5x5 grid (the input pixel sits there)
+    with torch.no_grad():
+        conv.weight.mul_(0.2)
+        conv.initial_state.fill_(3.0)  # free spike at 3 > T: only the input's kick brings it in
+
+    def outputs(value: float):
+        weight, time = conv.weight.detach().clone(), 0.5
+        if crossing == "weight":
+            weight[0, 0, 1, 1] = value
+        else:
+            weight[0, 0, 1, 1], time = 2.0, value
+        times = torch.full((1, 25, 1), torch.inf, dtype=torch.float64)
+        times[0, neuron, 0] = time
+        with torch.no_grad():
+            out = functional_call(conv, {"weight": weight}, (Spikes(times, T),))
+            loss = first_spike_cross_entropy(out.filled_times[..., 0], torch.tensor([neuron]), T,
+                                             1e-2)
+        return out, float(loss)
+
+    def in_trial(value):
+        return int(outputs(value)[0].spike_count[0, neuron])
+
+    low, high = _bisect(in_trial, *((0.0, 4.0) if crossing == "weight" else (0.0, 1.9)))
+    (before, loss_before), (after, loss_after) = outputs(low), outputs(high)
+    counts = int(before.spike_count[0, neuron]), int(after.spike_count[0, neuron])
+    assert sorted(counts) == [0, 1]
+    silent, spiking = (before, after) if counts[0] == 0 else (after, before)
+    torch.testing.assert_close(silent.filled_times[0, neuron, 0],
+                               torch.tensor(T, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(spiking.times[0, neuron, 0],
+                               torch.tensor(T, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(before.filled_times, after.filled_times, rtol=0, atol=1e-8)
+    assert abs(loss_before - loss_after) < 1e-8
+    torch.testing.assert_close(silent.pseudo_rate[0, neuron] - spiking.pseudo_rate[0, neuron],
+                               torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_torch_compile_of_conv_pool_linear_equals_eager():
+    """torch.compile (default, graph breaks allowed; aot_eager backend as in test_compile.py):
+    forward and backward equal eager mode."""
+    conv, pool, linear, readout = conv_pool_linear()
+    times, _ = random_input((3, 25), k_in=1, seed=3, silent=0.2)
+    labels = torch.tensor([0, 1, 2])
+
+    def loss_of(times):
+        first = readout(linear(pool(conv(Spikes(times, T)))))
+        return first_spike_cross_entropy(first, labels, T, 1e-2)
+
+    parameters = [conv.weight, conv.initial_state, linear.weight, linear.initial_state]
+    eager = loss_of(times)
+    eager_grads = torch.autograd.grad(eager, parameters)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(loss_of, backend="aot_eager")(times)
+        grads = torch.autograd.grad(compiled, parameters)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, eager_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_earliest_spike_pool_against_max_pool_and_brute_force():
@@ -135,6 +253,23 @@ def test_earliest_spike_pool_against_max_pool_and_brute_force():
     assert out.times[1, 1 * 6 + 1 * 2 + 1, 1] == window[1]
     assert torch.equal(out.filled_times, pool._pool(times + 0.5, 2))
     assert torch.equal(out.spike_count, (out.times < T).sum(-1))
+    # spikes_per_window: the earliest K of the window's K_in k^2 spikes (here more than K_in)
+    for k in (1, 3):
+        limited = EarliestSpikePool2d(in_shape, 2, spikes_per_window=k)(Spikes(times, T))
+        assert limited.times.shape == (3, 12, k)
+        torch.testing.assert_close(limited.times, out_all(times, in_shape)[..., :k], rtol=0,
+                                   atol=0)
+    with pytest.raises(ValueError, match="spikes_per_window"):
+        EarliestSpikePool2d(in_shape, 2, spikes_per_window=0)
+
+
+def out_all(times, in_shape):
+    """All spikes of each 2x2 window, sorted (brute force)."""
+    grid = times.reshape(times.shape[0], *in_shape, -1)
+    batch, channels, height, width, _ = grid.shape
+    windows = [grid[:, :, i:i + 2, j:j + 2].reshape(batch, channels, -1).sort(-1).values
+               for i in range(0, height, 2) for j in range(0, width, 2)]
+    return torch.stack(windows, 2).reshape(batch, -1, windows[0].shape[-1])
 
 
 def test_spike_buffer_overflow_names_layer_and_size():

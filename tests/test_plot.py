@@ -89,6 +89,27 @@ def test_first_spike_times_all_silent(tmp_path):
         plot.first_spike_times(np.ones(3), pseudo_mask=np.ones(2, dtype=bool))
 
 
+def test_feature_maps_grid_silent_neurons_and_flattened_input(tmp_path):
+    times = torch.rand(2, 3, 4, 5) * 2.0
+    times[0, 1, 2, 3] = INF  # silent
+    times[1, 0, 0, 0] = 2.5  # after T: silent in the trial
+    fig = plot.feature_maps(times, T=2.0, titles=["a", "b"], max_channels=2,
+                            path=tmp_path / "maps.png")
+    assert_png(tmp_path / "maps.png")
+    images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    assert len(images) == 2 * 2  # two samples x the first two channels
+    assert images[1].mask[2, 3] and images[2].mask[0, 0] and images[0].mask.sum() == 0
+    assert images[1][0, 0] == times[0, 1, 0, 0].item()
+    flat = plot.feature_maps(times.reshape(2, -1, 1), T=2.0, shape=(3, 4, 5))
+    flat_images = [ax.images[0].get_array() for ax in flat.axes if ax.images]
+    assert len(flat_images) == 2 * 3
+    assert np.array_equal(flat_images[1].mask, images[1].mask)
+    with pytest.raises(ValueError, match="shape=\\(3, 4, 4\\)"):
+        plot.feature_maps(times.reshape(2, -1), T=2.0, shape=(3, 4, 4))
+    with pytest.raises(ValueError, match="titles"):
+        plot.feature_maps(times, T=2.0, titles=["a"])
+
+
 def test_traces(tmp_path):
     t = torch.linspace(0.0, 2.0, 200)
     values = torch.stack([torch.sin(t), 1 - torch.exp(-t)], dim=1)

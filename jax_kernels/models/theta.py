@@ -79,9 +79,10 @@ class Theta(PhaseOscillatorModel):
         neurons of a sample between two inputs (a 2x2 rotation); passing ``a = pi`` is a spike,
         after which the reset state is ``-z``; an input maps ``z`` to ``(cos a - u sin a, sin a) /
         norm`` with ``u = w / sqrt(I0 - 1/4)`` (the phase transfer function, rewritten). The scan
-        body is a few multiply-adds and one ``rsqrt`` per neuron; it records which spike slot each
-        interval's spike fills, and only the ``K`` recorded spikes get an ``arctan2`` afterwards:
-        a spike in the interval starting at ``t0`` in state ``a0`` is at ``t0 + (pi - a0) Theta / pi``.
+        body is a few multiply-adds and one ``rsqrt`` per neuron; it records, for each neuron's
+        ``k``-th spike, the event ending its interval and the state ``a1`` just after the reset,
+        and only the ``K`` recorded spikes get an ``arctan2`` afterwards: the spike is at
+        ``t1 - a1 Theta / pi`` with ``t1`` that event's time.
 
         Args: times ``[B, S]`` (the last one ``T``), kicks ``[S, B, N]`` or
         :class:`~jax_kernels.simulate.GatheredKicks` (rows gathered inside the scan, so no
@@ -103,56 +104,42 @@ class Theta(PhaseOscillatorModel):
         # sin(pi) rounds below 0 in float32: a phase of exactly Theta must not count as past it.
         initial_sin = jnp.sin(angle0)
         initial_sin = jnp.where(initial_sin < 0, 0.0, initial_sin)
-        initial = (
+        initial = jnp.stack([
             jnp.broadcast_to(jnp.cos(angle0), (batch, n_neurons)),
             jnp.broadcast_to(initial_sin, (batch, n_neurons)),
-        )
-        cos, sin, count, spike_interval, cos_k, sin_k, start_k = _rotation_scan(
-            max_spikes, 1.0 / self._root, *initial, jnp.cos(angle_step), jnp.sin(angle_step),
-            applied, table, index, interval_start.T,
+        ])
+        final, count, interval, reset_cos_k, reset_sin_k = _rotation_scan(
+            max_spikes, 1.0 / self._root, initial, jnp.cos(angle_step), jnp.sin(angle_step),
+            applied, table, index,
         )  # spike records [K, B, N]
         n_events = times.shape[1]
-        has_spike = spike_interval < n_events
-        # The end of a spike's interval only bounds rounding: no gradient through it.
-        end_k = lax.stop_gradient(interval_end).T[jnp.minimum(spike_interval, n_events - 1),
-                                                  jnp.arange(batch)[:, None]]
-        spike_times = start_k + (jnp.pi - jnp.arctan2(sin_k, cos_k)) / angular_speed
-        # Rounding must not move a spike out of its interval.
-        spike_times = jnp.clip(spike_times, start_k, end_k)
+        has_spike = interval < n_events
+        event = (jnp.minimum(interval, n_events - 1).astype(jnp.int32),
+                 jnp.arange(batch)[:, None])
+        # A spike in an event's interval: the state just after it (reset, before the kick) has
+        # turned by the angle since the spike.
+        end_k = interval_end.T[event]
+        spike_times = end_k - jnp.arctan2(reset_sin_k, reset_cos_k) / angular_speed
+        # Rounding must not move a spike out of its interval (the start only bounds: no gradient).
+        spike_times = jnp.clip(spike_times, lax.stop_gradient(interval_start).T[event], end_k)
         spike_times = jnp.moveaxis(jnp.where(has_spike, spike_times, jnp.inf), 0, -1)
-        final_phase = jnp.arctan2(sin, cos) / angular_speed
+        final_phase = jnp.arctan2(final[1], final[0]) / angular_speed
         return spike_times, count, final_phase[:, None, :]
 
 
-def _spike_intervals(capped_count: Array, max_spikes: int) -> Array:
-    """Event index ``[K, B, N]`` of each neuron's ``k``-th spike (``S``: no such spike).
-
-    Counts never decrease, so spike ``k`` is in the first event after which the count exceeds
-    ``k``. A scan over the events finds them; it is 100x faster on XLA's CPU backend than ``K``
-    reductions of ``[S, B, N]`` over the event axis (integers: no gradient).
-    """
-    n_events = capped_count.shape[0]
-    index_type = jnp.int16 if n_events < 2**15 - 1 else jnp.int32
-    slots = jnp.arange(max_spikes, dtype=capped_count.dtype)[:, None, None]
-
-    def step(interval, event):
-        index, count = event
-        first = (count[None] > slots) & (interval == n_events)
-        return jnp.where(first, index.astype(index_type), interval), None
-
-    interval, _ = lax.scan(
-        step,
-        jnp.full((max_spikes, *capped_count.shape[1:]), n_events, index_type),
-        (jnp.arange(n_events, dtype=jnp.int32), capped_count),
-    )
-    return interval
+#: The rotating layer's reverse pass keeps the state at every ``CHECKPOINT_EVENTS``-th event
+#: and recomputes the events in between: stacking every event's state would write
+#: ``[S, 2, B, N]`` per call, which on CPU costs more than the recomputation.
+CHECKPOINT_EVENTS = 16
 
 
 def _rotate_spike_kick(cos, sin, cos_step, sin_step, u):
     """One event of the rotating layer: rotate, reset spiking neurons (``z -> -z``), kick.
 
-    Returns the state after the event, whether each neuron spiked, and what the backward pass
-    needs: the sign of the reset, the state before the kick and the inverse norm.
+    Args: the state ``cos, sin [B, N]``, the rotation ``cos_step, sin_step [B, 1]``, kicks
+    ``u [B, N]``. Returns the state after the event ``(cos, sin)``, whether each neuron spiked,
+    and ``(reset_cos, reset_sin, sign, inverse_norm)``: the state after the reset (before the
+    kick), the sign of the reset and the kick's inverse norm.
     """
     rotated_cos = cos * cos_step - sin * sin_step
     rotated_sin = sin * cos_step + cos * sin_step
@@ -161,8 +148,17 @@ def _rotate_spike_kick(cos, sin, cos_step, sin_step, u):
     reset_cos, reset_sin = sign * rotated_cos, sign * rotated_sin
     shifted = reset_cos - u * reset_sin
     inverse_norm = lax.rsqrt(shifted * shifted + reset_sin * reset_sin)
-    return (shifted * inverse_norm, reset_sin * inverse_norm), spiked, (sign, reset_sin,
-                                                                      inverse_norm)
+    return (shifted * inverse_norm, reset_sin * inverse_norm), spiked, (
+        reset_cos, reset_sin, sign, inverse_norm)
+
+
+def _stacked_event(state, cos_step, sin_step, u):
+    """:func:`_rotate_spike_kick` on a stacked state ``[2, B, N]``, the form the forward scans
+    carry: XLA's CPU backend then computes an event in one pass over the neurons (separate cos
+    and sin carries split it into several passes, 3-4x slower). The reverse pass is the other
+    way round: its separate arrays fuse better than stacked ones."""
+    (cos, sin), spiked, parts = _rotate_spike_kick(state[0], state[1], cos_step, sin_step, u)
+    return jnp.stack([cos, sin]), spiked, parts
 
 
 def _event_kicks(table, index, applied, inverse_root):
@@ -182,119 +178,156 @@ def _table_and_index(table, index, event_slice):
     return (event_slice, None) if index is None else (table, event_slice)
 
 
-def _rotation_scan_forward(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied,
-                           table, index):
-    # Spike counts leave the scan capped at K, in the narrowest integer type that holds K.
-    count_type = jnp.int8 if max_spikes < 127 else jnp.int32
+def _chunked_events(cos_step, sin_step, applied, kicks):
+    """The per-event scan inputs padded to whole checkpoint chunks, ``[chunks, C, ...]``.
 
-    def step(carry, event):
-        cos, sin, count = carry
-        cos_step, sin_step, applied, kicks = event
+    Padding events do nothing: no rotation, no kick. (A state after an event never sits at
+    ``sin = 0, cos < 0``, the one state a zero rotation would count as a spike.)
+    """
+    n_events = cos_step.shape[0]
+    pad = -n_events % CHECKPOINT_EVENTS
+    n_chunks = (n_events + pad) // CHECKPOINT_EVENTS
+
+    def padded(x, fill):
+        if pad:
+            x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
+        return x.reshape(n_chunks, CHECKPOINT_EVENTS, *x.shape[1:])
+
+    return (padded(cos_step, 1), padded(sin_step, 0), padded(applied, False), padded(kicks, 0))
+
+
+def _interval_type(n_padded: int):
+    return jnp.int16 if n_padded < 2**15 - 1 else jnp.int32
+
+
+def _rotation_scan_fwd(max_spikes, inverse_root, state, cos_step, sin_step, applied, table,
+                       index):
+    chunks = _chunked_events(cos_step, sin_step, applied, _event_inputs(table, index))
+    n_chunks = chunks[0].shape[0]
+    n_padded = n_chunks * CHECKPOINT_EVENTS
+    index_type = _interval_type(n_padded)
+    event_index = jnp.arange(n_padded, dtype=index_type).reshape(n_chunks, CHECKPOINT_EVENTS)
+
+    def event_step(carry, event):
+        state, count, interval, reset_cos_k, reset_sin_k = carry
+        event_index, cos_step, sin_step, applied, kicks = event
         u = _event_kicks(*_table_and_index(table, index, kicks), applied, inverse_root)
-        (cos_next, sin_next), spiked, _ = _rotate_spike_kick(cos, sin, cos_step, sin_step, u)
-        count = count + spiked
-        capped = jnp.minimum(count, max_spikes).astype(count_type)
-        return (cos_next, sin_next, count), (capped, cos, sin)
+        state, spiked, (reset_cos, reset_sin, _, _) = _stacked_event(state, cos_step, sin_step, u)
+        # A neuron spikes at most once per event: its k-th spike is where its count passes k.
+        # (Records carried as K separate arrays: stacked, XLA's CPU backend is slower.)
+        here = [spiked & (count == k) for k in range(max_spikes)]
+        interval = tuple(jnp.where(h, event_index, i) for h, i in zip(here, interval))
+        reset_cos_k = tuple(jnp.where(h, reset_cos, r) for h, r in zip(here, reset_cos_k))
+        reset_sin_k = tuple(jnp.where(h, reset_sin, r) for h, r in zip(here, reset_sin_k))
+        return (state, count + spiked, interval, reset_cos_k, reset_sin_k), None
 
-    count = jnp.zeros(cos.shape, jnp.int32)
-    (cos, sin, count), (capped, cos_start, sin_start) = lax.scan(
-        step, (cos, sin, count), (cos_step, sin_step, applied, _event_inputs(table, index))
+    def chunk_step(carry, chunk):
+        checkpoint = carry[0]
+        carry, _ = lax.scan(event_step, carry, chunk)
+        return carry, checkpoint
+
+    zeros = jnp.zeros(state.shape[1:], state.dtype)
+    init = (
+        state,
+        jnp.zeros(state.shape[1:], jnp.int32),
+        (jnp.full(state.shape[1:], n_padded, index_type),) * max_spikes,
+        (zeros,) * max_spikes,
+        (zeros,) * max_spikes,
     )
-    return cos, sin, count, capped, cos_start, sin_start
+    (final, count, interval, reset_cos_k, reset_sin_k), checkpoints = lax.scan(
+        chunk_step, init, (event_index, *chunks)
+    )
+    interval = jnp.stack(interval)
+    outputs = (final, count, interval, jnp.stack(reset_cos_k), jnp.stack(reset_sin_k))
+    return outputs, (checkpoints, cos_step, sin_step, applied, table, index, interval)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _rotation_scan(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied, table, index,
-                   interval_start):
+def _rotation_scan(max_spikes, inverse_root, state, cos_step, sin_step, applied, table, index):
     """The event scan of :meth:`Theta._rotating_layer` with a hand-written reverse pass.
 
-    Args: ``inverse_root = 1 / sqrt(I0 - 1/4)``; states ``cos, sin [B, N]`` at ``t = 0``; per
-    event ``cos_step, sin_step [S, B, 1]`` (the rotation since the previous event),
+    Args: ``inverse_root = 1 / sqrt(I0 - 1/4)``; ``state [2, B, N]`` (cos, sin) at ``t = 0``;
+    per event ``cos_step, sin_step [S, B, 1]`` (the rotation since the previous event),
     ``applied [S, B]`` (bool: the event is inside the trial), the kicks (weights) either as
     ``table [S, B, N]`` with ``index = None`` or as rows ``table [R, N]`` picked by
-    ``index [S, B]``, and ``interval_start [S, B]`` (the previous event's time).
+    ``index [S, B]``.
 
-    Returns: final ``cos, sin [B, N]``, spike counts ``[B, N]``, and for each neuron's first
-    ``K = max_spikes`` spikes ``[K, B, N]``: the event whose interval holds it (``S``: none), and
-    the state and time at the start of that interval.
+    Returns: the final state ``[2, B, N]``, spike counts ``[B, N]`` (int32), and for each neuron's
+    first ``K = max_spikes`` spikes ``[K, B, N]``: the event whose interval holds it (``>= S``:
+    none) and the state just after that event's reset, before its kick (cos, sin).
 
-    The reverse pass keeps only the states at the start of each event and recomputes the rest of
-    the event (autodiff kept nine arrays per event); the spike records' cotangents enter it at
-    their events, where autodiff would scatter-add them into ``[S, B, N]`` arrays. Gathered
-    kicks are gathered again in the reverse pass and their rows' gradients added into the
-    table's, carried through it.
+    The reverse pass keeps the state every :data:`CHECKPOINT_EVENTS` events and recomputes the
+    events in between, chunk by chunk; the spike records' cotangents enter it at their events.
+    Gathered kicks are gathered again in the reverse pass and their rows' gradients added into
+    the table's gradient, carried through it (no ``[S, B, N]`` array).
     """
-    return _rotation_scan_fwd(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied,
-                              table, index, interval_start)[0]
-
-
-def _rotation_scan_fwd(max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied, table,
-                       index, interval_start):
-    cos_end, sin_end, count, capped, cos_start, sin_start = _rotation_scan_forward(
-        max_spikes, inverse_root, cos, sin, cos_step, sin_step, applied, table, index
-    )
-    interval = _spike_intervals(capped, max_spikes)
-    event = jnp.minimum(interval, capped.shape[0] - 1).astype(jnp.int32)
-    cos_k = jnp.take_along_axis(cos_start, event, axis=0)
-    sin_k = jnp.take_along_axis(sin_start, event, axis=0)
-    start_k = jnp.take_along_axis(interval_start[..., None], event, axis=0)
-    outputs = (cos_end, sin_end, count, interval, cos_k, sin_k, start_k)
-    return outputs, (cos_start, sin_start, cos_step, sin_step, applied, table, index, interval)
+    return _rotation_scan_fwd(max_spikes, inverse_root, state, cos_step, sin_step, applied,
+                              table, index)[0]
 
 
 def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
-    cos_start, sin_start, cos_step, sin_step, applied, table, index, interval = residuals
-    grad_cos, grad_sin, _, _, grad_cos_k, grad_sin_k, grad_start_k = cotangents
+    checkpoints, cos_step, sin_step, applied, table, index, interval = residuals
+    grad_state, _, _, grad_reset_cos_k, grad_reset_sin_k = cotangents
+    n_events = cos_step.shape[0]
+    chunks = _chunked_events(cos_step, sin_step, applied, _event_inputs(table, index))
+    n_chunks = chunks[0].shape[0]
+    event_index = jnp.arange(n_chunks * CHECKPOINT_EVENTS, dtype=interval.dtype).reshape(
+        n_chunks, CHECKPOINT_EVENTS
+    )
 
-    def step(carry, event):
+    def recompute(state, event):
+        cos_step, sin_step, applied, kicks = event
+        u = _event_kicks(*_table_and_index(table, index, kicks), applied, inverse_root)
+        next_state, _, _ = _stacked_event(state, cos_step, sin_step, u)
+        return next_state, (state[0], state[1])
+
+    def reverse_step(carry, event):
         grad_cos, grad_sin, grad_table = carry  # w.r.t. the state after this event
         event_index, cos, sin, cos_step, sin_step, applied, kicks = event
         u = _event_kicks(*_table_and_index(table, index, kicks), applied, inverse_root)
-        (cos_out, sin_out), _, (sign, reset_sin, inverse_norm) = _rotate_spike_kick(
+        (cos_out, sin_out), _, (reset_cos, reset_sin, sign, inverse_norm) = _rotate_spike_kick(
             cos, sin, cos_step, sin_step, u
         )
         # Normalisation: d(out)/d(shifted, reset_sin) is r (sin_out, -cos_out) (sin_out, -cos_out)^T.
         q = inverse_norm * (grad_cos * sin_out - grad_sin * cos_out)
         grad_shifted = q * sin_out
+        grad_reset_cos = grad_shifted
         grad_reset_sin = -q * cos_out - u * grad_shifted
         grad_kick = jnp.where(applied[:, None], -reset_sin * grad_shifted * inverse_root, 0.0)
-        grad_rotated_cos, grad_rotated_sin = sign * grad_shifted, sign * grad_reset_sin
+        # Spikes recorded at this event (sums over the K slots unrolled: XLA's CPU reductions
+        # over a leading axis are slow).
+        for k in range(max_spikes):
+            here = interval[k] == event_index
+            grad_reset_cos = grad_reset_cos + jnp.where(here, grad_reset_cos_k[k], 0.0)
+            grad_reset_sin = grad_reset_sin + jnp.where(here, grad_reset_sin_k[k], 0.0)
+        grad_rotated_cos, grad_rotated_sin = sign * grad_reset_cos, sign * grad_reset_sin
         grad_cos_before = grad_rotated_cos * cos_step + grad_rotated_sin * sin_step
         grad_sin_before = grad_rotated_sin * cos_step - grad_rotated_cos * sin_step
         grad_cos_step = jnp.sum(grad_rotated_cos * cos + grad_rotated_sin * sin, -1, keepdims=True)
         grad_sin_step = jnp.sum(grad_rotated_sin * cos - grad_rotated_cos * sin, -1, keepdims=True)
-        # Spikes recorded at this event: their start state and start time.
-        # (Sums over the K slots unrolled: XLA's CPU reductions over a leading axis are slow.)
-        grad_start = jnp.zeros_like(grad_cos_before)
-        for k in range(max_spikes):
-            here = interval[k] == event_index
-            grad_cos_before = grad_cos_before + jnp.where(here, grad_cos_k[k], 0.0)
-            grad_sin_before = grad_sin_before + jnp.where(here, grad_sin_k[k], 0.0)
-            grad_start = grad_start + jnp.where(here, grad_start_k[k], 0.0)
-        grad_start = jnp.sum(grad_start, -1)
         if index is None:  # the event's kicks are its own slice: their gradient leaves the scan
             return (grad_cos_before, grad_sin_before, grad_table), (
-                grad_cos_step, grad_sin_step, grad_kick, grad_start)
+                grad_cos_step, grad_sin_step, grad_kick)
         # Gathered rows: their gradient is added into the table's, carried (no [S, B, N] array).
         grad_table = grad_table.at[kicks].add(grad_kick)
-        return (grad_cos_before, grad_sin_before, grad_table), (
-            grad_cos_step, grad_sin_step, None, grad_start)
+        return (grad_cos_before, grad_sin_before, grad_table), (grad_cos_step, grad_sin_step, None)
 
-    n_events = cos_start.shape[0]
+    def chunk_reverse(carry, chunk):
+        checkpoint, event_index, *events = chunk
+        _, (cos, sin) = lax.scan(recompute, checkpoint, tuple(events))
+        return lax.scan(reverse_step, carry, (event_index, cos, sin, *events), reverse=True)
+
     grad_table = jnp.zeros((0,) if index is None else table.shape, table.dtype)
-    (grad_cos, grad_sin, grad_table), (grad_cos_step, grad_sin_step, grad_kicks, grad_start) = (
-        lax.scan(
-            step,
-            (grad_cos, grad_sin, grad_table),
-            (jnp.arange(n_events, dtype=interval.dtype), cos_start, sin_start, cos_step,
-             sin_step, applied, _event_inputs(table, index)),
-            reverse=True,
-        )
+    (grad_cos, grad_sin, grad_table), per_event = lax.scan(
+        chunk_reverse, (grad_state[0], grad_state[1], grad_table),
+        (checkpoints, event_index, *chunks), reverse=True,
+    )
+    grad_cos_step, grad_sin_step, grad_kicks = (
+        None if x is None else x.reshape(-1, *x.shape[2:])[:n_events] for x in per_event
     )
     if index is None:
         grad_table = grad_kicks
-    return (grad_cos, grad_sin, grad_cos_step, grad_sin_step, None, grad_table, None,
-            grad_start)
+    return jnp.stack([grad_cos, grad_sin]), grad_cos_step, grad_sin_step, None, grad_table, None
 
 
 _rotation_scan.defvjp(_rotation_scan_fwd, _rotation_scan_bwd)

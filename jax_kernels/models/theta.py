@@ -109,8 +109,7 @@ class Theta(PhaseOscillatorModel):
             jnp.broadcast_to(initial_sin, (batch, n_neurons)),
         ])
         final, count, interval, reset_cos_k, reset_sin_k = _rotation_scan(
-            max_spikes, 1.0 / self._root, initial, jnp.cos(angle_step), jnp.sin(angle_step),
-            applied, table, index,
+            max_spikes, 1.0 / self._root, initial, angle_step, applied, table, index
         )  # spike records [K, B, N]
         n_events = times.shape[1]
         has_spike = interval < n_events
@@ -200,11 +199,12 @@ def _interval_type(n_padded: int):
     return jnp.int16 if n_padded < 2**15 - 1 else jnp.int32
 
 
-def _rotation_scan_fwd(max_spikes, inverse_root, state, cos_step, sin_step, applied, table,
-                       index):
+def _rotation_scan_fwd(max_spikes, inverse_root, state, angle_step, applied, table, index):
+    cos_step, sin_step = jnp.cos(angle_step), jnp.sin(angle_step)
     chunks = _chunked_events(cos_step, sin_step, applied, _event_inputs(table, index))
     n_chunks = chunks[0].shape[0]
     n_padded = n_chunks * CHECKPOINT_EVENTS
+
     index_type = _interval_type(n_padded)
     event_index = jnp.arange(n_padded, dtype=index_type).reshape(n_chunks, CHECKPOINT_EVENTS)
 
@@ -214,7 +214,7 @@ def _rotation_scan_fwd(max_spikes, inverse_root, state, cos_step, sin_step, appl
         u = _event_kicks(*_table_and_index(table, index, kicks), applied, inverse_root)
         state, spiked, (reset_cos, reset_sin, _, _) = _stacked_event(state, cos_step, sin_step, u)
         # A neuron spikes at most once per event: its k-th spike is where its count passes k.
-        # (Records carried as K separate arrays: stacked, XLA's CPU backend is slower.)
+        # (K separate record arrays: stacked into one, XLA's CPU backend is several times slower.)
         here = [spiked & (count == k) for k in range(max_spikes)]
         interval = tuple(jnp.where(h, event_index, i) for h, i in zip(here, interval))
         reset_cos_k = tuple(jnp.where(h, reset_cos, r) for h, r in zip(here, reset_cos_k))
@@ -243,11 +243,11 @@ def _rotation_scan_fwd(max_spikes, inverse_root, state, cos_step, sin_step, appl
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _rotation_scan(max_spikes, inverse_root, state, cos_step, sin_step, applied, table, index):
+def _rotation_scan(max_spikes, inverse_root, state, angle_step, applied, table, index):
     """The event scan of :meth:`Theta._rotating_layer` with a hand-written reverse pass.
 
     Args: ``inverse_root = 1 / sqrt(I0 - 1/4)``; ``state [2, B, N]`` (cos, sin) at ``t = 0``;
-    per event ``cos_step, sin_step [S, B, 1]`` (the rotation since the previous event),
+    per event ``angle_step [S, B, 1]`` (the rotation since the previous event),
     ``applied [S, B]`` (bool: the event is inside the trial), the kicks (weights) either as
     ``table [S, B, N]`` with ``index = None`` or as rows ``table [R, N]`` picked by
     ``index [S, B]``.
@@ -261,8 +261,8 @@ def _rotation_scan(max_spikes, inverse_root, state, cos_step, sin_step, applied,
     Gathered kicks are gathered again in the reverse pass and their rows' gradients added into
     the table's gradient, carried through it (no ``[S, B, N]`` array).
     """
-    return _rotation_scan_fwd(max_spikes, inverse_root, state, cos_step, sin_step, applied,
-                              table, index)[0]
+    return _rotation_scan_fwd(max_spikes, inverse_root, state, angle_step, applied, table,
+                              index)[0]
 
 
 def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
@@ -303,14 +303,15 @@ def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
         grad_rotated_cos, grad_rotated_sin = sign * grad_reset_cos, sign * grad_reset_sin
         grad_cos_before = grad_rotated_cos * cos_step + grad_rotated_sin * sin_step
         grad_sin_before = grad_rotated_sin * cos_step - grad_rotated_cos * sin_step
-        grad_cos_step = jnp.sum(grad_rotated_cos * cos + grad_rotated_sin * sin, -1, keepdims=True)
-        grad_sin_step = jnp.sum(grad_rotated_sin * cos - grad_rotated_cos * sin, -1, keepdims=True)
+        # d(rotated)/d(angle) = (-rotated_sin, rotated_cos); the reset's sign cancels. One sum
+        # over the neurons rather than one per cos and sin of the angle.
+        grad_angle = jnp.sum(grad_reset_sin * reset_cos - grad_reset_cos * reset_sin, -1,
+                             keepdims=True)
         if index is None:  # the event's kicks are its own slice: their gradient leaves the scan
-            return (grad_cos_before, grad_sin_before, grad_table), (
-                grad_cos_step, grad_sin_step, grad_kick)
+            return (grad_cos_before, grad_sin_before, grad_table), (grad_angle, grad_kick)
         # Gathered rows: their gradient is added into the table's, carried (no [S, B, N] array).
         grad_table = grad_table.at[kicks].add(grad_kick)
-        return (grad_cos_before, grad_sin_before, grad_table), (grad_cos_step, grad_sin_step, None)
+        return (grad_cos_before, grad_sin_before, grad_table), (grad_angle, None)
 
     def chunk_reverse(carry, chunk):
         checkpoint, event_index, *events = chunk
@@ -322,12 +323,12 @@ def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
         chunk_reverse, (grad_state[0], grad_state[1], grad_table),
         (checkpoints, event_index, *chunks), reverse=True,
     )
-    grad_cos_step, grad_sin_step, grad_kicks = (
+    grad_angle, grad_kicks = (
         None if x is None else x.reshape(-1, *x.shape[2:])[:n_events] for x in per_event
     )
     if index is None:
         grad_table = grad_kicks
-    return jnp.stack([grad_cos, grad_sin]), grad_cos_step, grad_sin_step, None, grad_table, None
+    return jnp.stack([grad_cos, grad_sin]), grad_angle, None, grad_table, None
 
 
 _rotation_scan.defvjp(_rotation_scan_fwd, _rotation_scan_bwd)

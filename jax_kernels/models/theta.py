@@ -178,19 +178,23 @@ def _table_and_index(table, index, event_slice):
 
 
 def _chunked_events(cos_step, sin_step, applied, kicks):
-    """The per-event scan inputs padded to whole checkpoint chunks, ``[chunks, C, ...]``.
+    """The per-event scan inputs padded to whole checkpoint chunks, ``[chunks, C, ...]``
+    (``C <= CHECKPOINT_EVENTS``).
 
     Padding events do nothing: no rotation, no kick. (A state after an event never sits at
     ``sin = 0, cos < 0``, the one state a zero rotation would count as a spike.)
     """
     n_events = cos_step.shape[0]
-    pad = -n_events % CHECKPOINT_EVENTS
-    n_chunks = (n_events + pad) // CHECKPOINT_EVENTS
+    # Chunks of at most CHECKPOINT_EVENTS events, as equal as possible: fewer than one padding
+    # event per chunk.
+    n_chunks = -(-n_events // CHECKPOINT_EVENTS)
+    chunk = -(-n_events // n_chunks)
+    pad = n_chunks * chunk - n_events
 
     def padded(x, fill):
         if pad:
             x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
-        return x.reshape(n_chunks, CHECKPOINT_EVENTS, *x.shape[1:])
+        return x.reshape(n_chunks, chunk, *x.shape[1:])
 
     return (padded(cos_step, 1), padded(sin_step, 0), padded(applied, False), padded(kicks, 0))
 
@@ -202,11 +206,11 @@ def _interval_type(n_padded: int):
 def _rotation_scan_fwd(max_spikes, inverse_root, state, angle_step, applied, table, index):
     cos_step, sin_step = jnp.cos(angle_step), jnp.sin(angle_step)
     chunks = _chunked_events(cos_step, sin_step, applied, _event_inputs(table, index))
-    n_chunks = chunks[0].shape[0]
-    n_padded = n_chunks * CHECKPOINT_EVENTS
+    n_chunks, chunk = chunks[0].shape[:2]
+    n_padded = n_chunks * chunk
 
     index_type = _interval_type(n_padded)
-    event_index = jnp.arange(n_padded, dtype=index_type).reshape(n_chunks, CHECKPOINT_EVENTS)
+    event_index = jnp.arange(n_padded, dtype=index_type).reshape(n_chunks, chunk)
 
     def event_step(carry, event):
         state, count, interval, reset_cos_k, reset_sin_k = carry
@@ -270,10 +274,8 @@ def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
     grad_state, _, _, grad_reset_cos_k, grad_reset_sin_k = cotangents
     n_events = cos_step.shape[0]
     chunks = _chunked_events(cos_step, sin_step, applied, _event_inputs(table, index))
-    n_chunks = chunks[0].shape[0]
-    event_index = jnp.arange(n_chunks * CHECKPOINT_EVENTS, dtype=interval.dtype).reshape(
-        n_chunks, CHECKPOINT_EVENTS
-    )
+    n_chunks, chunk = chunks[0].shape[:2]
+    event_index = jnp.arange(n_chunks * chunk, dtype=interval.dtype).reshape(n_chunks, chunk)
 
     def recompute(state, event):
         cos_step, sin_step, applied, kicks = event

@@ -70,13 +70,29 @@ def cotangent_like(output: NamedTuple, **cotangents: Array) -> NamedTuple:
 MATMUL_FUSION_RATIO = 4
 
 
+def buffer_size(n: int, bucket: int = 16) -> int:
+    """The smallest buffer size on the grid of compiled sizes that holds ``n`` (>= 1).
+
+    The grid: powers of two up to ``bucket``, then four sizes per octave, each a multiple of
+    ``bucket`` (16: 1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ...).
+    A buffer that follows the data thus visits a few sizes per doubling of its need (few
+    compiled programs: a training run whose activity drifts compiles a handful of shapes, not
+    one per multiple of ``bucket``), and pads by at most a quarter.
+    """
+    n = max(int(n), 1)
+    if n <= bucket:
+        return 1 << (n - 1).bit_length()
+    step = max(bucket, (1 << ((n - 1).bit_length() - 1)) // 4)
+    return step * -(-n // step)
+
+
 def event_buffer_sizes(
     n_input_events: int, n_input_spikes: int, n_input_slots: int, bucket: int = 16
 ) -> tuple[int, Optional[int]]:
     """``(max_events, max_input_spikes)`` for :func:`spiking_layer` that hold a batch's events.
 
-    Sizes are rounded up (powers of two up to ``bucket``, then multiples of it) so that
-    recompiles stay rare. ``max_input_spikes`` is ``None`` (fusion by one-hot matmul) where that
+    Sizes are rounded up on the grid of :func:`buffer_size` so that recompiles stay rare.
+    ``max_input_spikes`` is ``None`` (fusion by one-hot matmul) where that
     costs at most about as much as gathering the spikes' weight columns: a few distinct times
     shared by many spikes, e.g. a binary image given as times.
 
@@ -85,15 +101,8 @@ def event_buffer_sizes(
         n_input_spikes: most input spikes in the trial of any sample.
         n_input_slots: ``N_in * K_in``.
     """
-
-    def rounded(n: int) -> int:
-        n = max(int(n), 1)
-        if n <= bucket:
-            return 1 << (n - 1).bit_length()
-        return bucket * -(-n // bucket)
-
-    max_events = rounded(n_input_events)
-    max_input_spikes = min(rounded(n_input_spikes), n_input_slots)
+    max_events = buffer_size(n_input_events, bucket)
+    max_input_spikes = min(buffer_size(n_input_spikes, bucket), n_input_slots)
     if max_events * n_input_slots <= MATMUL_FUSION_RATIO * max_input_spikes:
         return max_events, None
     return max_events, max_input_spikes

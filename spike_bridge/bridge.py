@@ -33,6 +33,7 @@ them (importing spike_bridge changes nothing global).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -407,9 +408,10 @@ class _CacheEntry:
         self.residual_treedef: Any = None
         self._residual_specs: list[_TensorSpec] | None = None
 
-        self.forward = jax.jit(self._flat_fn)
-        self.forward_with_vjp = jax.jit(self._flat_fn_with_vjp)
-        self.backward = jax.jit(self._flat_vjp)
+        # The owner's record of recently used entries (see JaxFunction): a weak reference,
+        # so that an entry does not keep its JaxFunction alive.
+        self.owner: Callable[[], Any] = lambda: None
+        self.release_programs()
 
         self.traces = 0
         self.forward_calls = 0
@@ -506,6 +508,23 @@ class _CacheEntry:
             self._residual_specs = [_spec_of_aval(aval) for aval in residual_avals]
         return self._residual_specs
 
+    # -- compiled programs -----------------------------------------------------------------
+
+    def release_programs(self) -> None:
+        """Drop the compiled programs (fresh ``jax.jit`` wrappers compile again on next use).
+
+        Dropping the wrappers frees their executables and the memory maps of their machine
+        code; the entry itself (name, specs, treedefs) stays valid for graphs that name it.
+        """
+        self.forward = jax.jit(self._flat_fn)
+        self.forward_with_vjp = jax.jit(self._flat_fn_with_vjp)
+        self.backward = jax.jit(self._flat_vjp)
+
+    def _mark_used(self) -> None:
+        owner = self.owner()
+        if owner is not None:
+            owner._mark_used(self)
+
     # -- running on torch tensors ----------------------------------------------------------
 
     def to_jax(self, tensors: Iterable[torch.Tensor]) -> list[jax.Array]:
@@ -518,6 +537,7 @@ class _CacheEntry:
     def run_forward(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Outputs only: the path taken when no gradient is needed."""
         self.forward_calls += 1
+        self._mark_used()
         outputs = self.forward(*self.to_jax(tensors))
         return _dedupe_storage(self.to_torch(outputs), tensors)
 
@@ -528,6 +548,7 @@ class _CacheEntry:
         """Outputs as tensors, and the VJP residuals as JAX arrays (eager path) or as tensors
         (custom-op path, where autograd must see them)."""
         self.forward_with_vjp_calls += 1
+        self._mark_used()
         outputs, residuals = self.forward_with_vjp(*self.to_jax(tensors))
         output_tensors = _dedupe_storage(self.to_torch(outputs), tensors)
         if residuals_as_tensors:
@@ -542,6 +563,7 @@ class _CacheEntry:
     ) -> list[torch.Tensor]:
         """Gradients of the float inputs, given one cotangent (or None) per float output."""
         self.backward_calls += 1
+        self._mark_used()
         if residuals and isinstance(residuals[0], torch.Tensor):
             residuals = self.to_jax(residuals)
         jax_cotangents = [
@@ -763,10 +785,16 @@ _jax_backward_op.register_autograd(_double_backward_error)
 # --------------------------------------------------------------------------------------------
 
 
+#: Cache entries of one JaxFunction that keep their compiled programs; the least recently used
+#: beyond this drop theirs (their memory and memory maps are freed) and compile again if called.
+COMPILED_ENTRIES_PER_FUNCTION = 32
+
+
 class BridgeCacheInfo(NamedTuple):
     """Counters summed over the cache entries of one JaxFunction."""
 
     entries: int  # distinct (structure, shapes, dtypes, device, static values) seen
+    compiled_entries: int  # entries that hold compiled programs (see COMPILED_ENTRIES_PER_FUNCTION)
     traces: int  # times JAX traced the wrapped function (eval_shape included)
     forward_calls: int  # calls of the plain forward (no_grad path)
     forward_with_vjp_calls: int  # calls of the forward that also returns VJP residuals
@@ -797,6 +825,9 @@ class JaxFunction:
         self._namer = _ArgumentNamer(fn)
         self._code_fingerprint = _code_fingerprint(fn)
         self._cache: dict[tuple, _CacheEntry] = {}
+        # Entries holding compiled programs, least recently used first (at most
+        # COMPILED_ENTRIES_PER_FUNCTION).
+        self._compiled: collections.OrderedDict[str, _CacheEntry] = collections.OrderedDict()
         qualname = getattr(fn, "__qualname__", type(fn).__name__)
         self.registry_name = f"{qualname}#{next(_FUNCTION_NUMBERS)}"
         _FUNCTION_REGISTRY[self.registry_name] = self
@@ -927,8 +958,20 @@ class JaxFunction:
             name, self.fn, treedef, leaf_template, tensor_positions, input_specs, tensors[0].device
         )
         entry.register()
+        entry.owner = weakref.ref(self)
         self._cache[key] = entry
         return entry
+
+    def _mark_used(self, entry: _CacheEntry) -> None:
+        """Record a call of ``entry``; release the programs of the least recently used entries
+        beyond :data:`COMPILED_ENTRIES_PER_FUNCTION` (a program that is needed again compiles
+        again). Without a bound, a process that meets ever new shapes or static values (e.g.
+        adaptive buffers following drifting activity) piles up executables until mmap fails."""
+        self._compiled[entry.name] = entry
+        self._compiled.move_to_end(entry.name)
+        while len(self._compiled) > COMPILED_ENTRIES_PER_FUNCTION:
+            _, oldest = self._compiled.popitem(last=False)
+            oldest.release_programs()
 
     # -- argument checks (run once per cache entry, or when a lookup fails) -----------------
 
@@ -984,6 +1027,7 @@ class JaxFunction:
         entries = list(self._cache.values())
         return BridgeCacheInfo(
             entries=len(entries),
+            compiled_entries=len(self._compiled),
             traces=sum(e.traces for e in entries),
             forward_calls=sum(e.forward_calls for e in entries),
             forward_with_vjp_calls=sum(e.forward_with_vjp_calls for e in entries),

@@ -66,14 +66,16 @@ __all__ = [
     "spiking_layers",
 ]
 
-#: Event buffers are rounded up to multiples of this, so that recompiles stay rare.
+#: Event buffers are multiples of this beyond it (``jax_kernels.layers.buffer_size``).
 EVENT_BUCKET = 16
 #: Largest sizes that ``"auto"`` buffers grow to; beyond, BufferOverflowError is raised.
 AUTO_LIMITS = {"max_spikes": 1024, "max_events": 1 << 16, "max_input_spikes": 1 << 20}
 #: An ``"auto"`` buffer shrinks when this many checked calls in a row needed at most half of a
-#: smaller size (spike slots; event buffers: 4/5 of it), since the cost of a layer grows with its
-#: buffers; the headroom keeps reruns rare.
-SHRINK_AFTER_CALLS = 8
+#: smaller size (spike slots; event buffers: at most half of the buffer, which shrinks to 5/4 of
+#: the need), since the cost of a layer grows with its buffers. The long window and the headroom
+#: keep reruns and new compiled sizes rare: the busiest sample of a batch sets its need, which
+#: varies twofold between training batches.
+SHRINK_AFTER_CALLS = 32
 
 #: Layer defaults of neuron models given by name where they differ from the model's own: theta
 #: neurons of the reference MNIST setup (``tau = 6/pi``, so that the free period is 6).
@@ -161,12 +163,9 @@ def _buffer_size(name: str, value: BufferSize, initial: int) -> tuple[int, bool]
 
 
 def _rounded(n: int) -> int:
-    """Buffer sizes: powers of two up to :data:`EVENT_BUCKET`, then multiples of it (few
-    compiled shapes), as ``jax_kernels.layers.event_buffer_sizes`` rounds."""
-    n = max(int(n), 1)
-    if n <= EVENT_BUCKET:
-        return 1 << (n - 1).bit_length()
-    return EVENT_BUCKET * -(-n // EVENT_BUCKET)
+    """Event buffer sizes on the grid of ``jax_kernels.layers.buffer_size`` (few compiled
+    shapes)."""
+    return kernel_layers.buffer_size(n, EVENT_BUCKET)
 
 
 def _host_ints(values: torch.Tensor) -> list:
@@ -527,7 +526,7 @@ class _SpikingLayer(nn.Module):
 
     def _shrink_if_oversized(self, status: dict[str, int], call: _LayerCall) -> None:
         """Shrink ``"auto"`` buffers that the last :data:`SHRINK_AFTER_CALLS` calls all left
-        mostly empty, to a size with twice their largest need (same rounding as growth)."""
+        mostly empty (see :data:`SHRINK_AFTER_CALLS`; same rounding as growth)."""
         needs = {buffer: status[buffer] for buffer in call.sizes if self._adaptive[buffer]}
         self._recent_needs = [*self._recent_needs, needs][-SHRINK_AFTER_CALLS:]
         if len(self._recent_needs) < SHRINK_AFTER_CALLS:
@@ -535,11 +534,18 @@ class _SpikingLayer(nn.Module):
         largest = {buffer: max(recent.get(buffer, 0) for recent in self._recent_needs)
                    for buffer in needs}
         for buffer, need in largest.items():
-            # Headroom: twice the need in spike slots; event buffers (multiples of EVENT_BUCKET)
-            # 5/4. Sizes as growth rounds them (few compiled shapes).
-            target = 2 * need if buffer == "max_spikes" else need + need // 4 + 1
-            smaller = self._grown(buffer, target, 0)
-            if smaller < getattr(self, buffer):
+            # Headroom: twice the need in spike slots; event buffers 5/4 (then rounded up on
+            # the grid), and only once the need fell to half the buffer: event counts vary a
+            # lot between batches (the busiest sample sets them), and every size that growth
+            # and shrinking alternate between is another compiled program.
+            size = getattr(self, buffer)
+            if buffer == "max_spikes":
+                smaller = self._grown(buffer, 2 * need, 0)
+            elif 2 * need <= size:
+                smaller = self._grown(buffer, need + need // 4 + 1, 0)
+            else:
+                continue
+            if smaller < size:
                 setattr(self, buffer, smaller)
                 self._recent_needs = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -148,7 +149,8 @@ def test_results_equal_direct_jax_call():
         ),
     ]
     for function, tensors in cases:
-        expected = jax.tree_util.tree_leaves(jax.jit(function)(*map(to_jax, tensors)))
+        with jax.enable_x64(True):  # float64 as the bridge computes (whatever the global flag)
+            expected = jax.tree_util.tree_leaves(jax.jit(function)(*map(to_jax, tensors)))
         bridged = jax_function(function)
         with torch.no_grad():
             plain = jax.tree_util.tree_leaves(bridged(*tensors))
@@ -279,6 +281,60 @@ def test_static_values_are_part_of_the_cache_key():
     assert bridged(x, 3).tolist() == [3.0, 3.0, 3.0]
     assert bridged(x, 2.0).dtype == torch.float32  # 2 and 2.0 are different keys
     assert bridged.cache_info().entries == 3
+
+
+def _memory_maps() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def test_only_recently_used_entries_keep_compiled_programs(monkeypatch):
+    """A process that meets ever new static values (or shapes) keeps at most
+    COMPILED_ENTRIES_PER_FUNCTION entries' programs per function: the others are freed (with
+    the memory maps of their machine code) and compile again when called."""
+    monkeypatch.setattr(bridge, "COMPILED_ENTRIES_PER_FUNCTION", 3)
+    traces = []
+
+    def scaled(x, scale):
+        traces.append(scale)
+        return jnp.sin(x) * scale
+
+    bridged = jax_function(scaled, static_argnames="scale")
+    x = torch.linspace(0.0, 1.0, 5, dtype=torch.float64, requires_grad=True)
+    for scale in range(1, 7):
+        bridged(x, scale).sum().backward()
+    info = bridged.cache_info()
+    assert (info.entries, info.compiled_entries) == (6, 3)
+    traced = len(traces)
+    x.grad = None
+    bridged(x, 1).sum().backward()  # released: compiles again, same values
+    assert len(traces) > traced
+    torch.testing.assert_close(x.grad, torch.cos(x.detach()))
+    bridged(x, 6).sum().backward()  # still compiled
+    assert bridged.cache_info().compiled_entries == 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_new_static_values_do_not_pile_up_memory_maps(monkeypatch):
+    """Compiled code lives in memory maps (vm.max_map_count, 65,530 by default, is a hard
+    limit: a long training run used to die there); with a bound the count stays flat."""
+
+    def maps_after_new_programs(limit: int, count: int = 40) -> int:
+        monkeypatch.setattr(bridge, "COMPILED_ENTRIES_PER_FUNCTION", limit)
+        bridged = jax_function(lambda x, scale: jnp.cumsum(jnp.sin(x) * scale),
+                               static_argnames="scale")
+        x = torch.ones(7)
+        with torch.no_grad():
+            bridged(x, 0.5)
+            start = _memory_maps()
+            for scale in range(count):
+                bridged(x, scale)
+        return _memory_maps() - start
+
+    unbounded = maps_after_new_programs(limit=10_000)
+    bounded = maps_after_new_programs(limit=2)
+    assert unbounded > 100  # each program maps its code
+    assert bounded < unbounded / 4
 
 
 def test_decorator_forms_and_keyword_static_arguments():

@@ -141,6 +141,40 @@ def test_auto_buffer_shrinks_after_calls_that_left_it_mostly_empty():
     assert auto.max_spikes == 1 << (2 * quiet_need - 1).bit_length()
 
 
+def test_buffer_size_grid_pads_by_at_most_a_quarter_with_four_sizes_per_octave():
+    from jax_kernels.layers import buffer_size
+
+    sizes = [buffer_size(n) for n in range(1, 1 << 14)]
+    for n, size in enumerate(sizes, 1):
+        assert n <= size and (size & (size - 1) == 0 if n <= 16 else size % 16 == 0)
+        assert size <= max(2 * n - 1, n + n // 4 + 15)
+    distinct = set(sizes)
+    for low in (64, 128, 256, 1024, 4096):
+        assert len([s for s in distinct if low < s <= 2 * low]) <= 4
+
+
+def test_auto_event_buffers_follow_drifting_activity_with_few_compiled_shapes():
+    """A training run's activity drifts: the ``"auto"`` event buffers follow it on a grid of at
+    most four sizes per octave, so the layer compiles a handful of programs, not one per
+    multiple of 16 (every compiled program stays in the process: a long run must not pile
+    them up)."""
+    from spike_bridge.nn import _layer_kernel
+
+    layer = ThetaLinear(256, 2)
+    before = _layer_kernel.cache_info().entries
+    visited = set()
+    with torch.no_grad():
+        for n_events in range(20, 257, 4):  # distinct input times, one spike each
+            times = torch.full((1, 256, 1), torch.inf)
+            times[0, :n_events, 0] = torch.linspace(0.01, 1.9, n_events)
+            layer(Spikes(times, T)).times  # reading the output checks the call (grows buffers)
+            assert layer.max_events >= n_events
+            visited.add((layer.max_events, layer.max_input_spikes))
+    event_sizes = {events for events, _ in visited}
+    assert len([s for s in event_sizes if 128 < s <= 256]) <= 4  # multiples of 16: 8
+    assert _layer_kernel.cache_info().entries - before <= 2 * len(visited)
+
+
 def test_fixed_buffer_overflow_error_names_layer_buffer_and_need():
     spikes = _busy_input()
     layer = ThetaLinear(48, 3, max_spikes=1, name="busy")

@@ -259,7 +259,7 @@ def settled_warmup(cfg: dict) -> dict:
     shrink only after ``SHRINK_AFTER_CALLS`` calls (each new size compiles once)."""
     from spike_bridge.nn import SHRINK_AFTER_CALLS
 
-    return {**cfg, "warmup": max(cfg["warmup"], SHRINK_AFTER_CALLS + 2)}
+    return {**cfg, "warmup": max(cfg["warmup"], max(SHRINK_AFTER_CALLS.values()) + 2)}
 
 
 def worker_spike_bridge(cfg: dict, data: dict) -> dict:

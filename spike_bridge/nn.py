@@ -71,11 +71,12 @@ EVENT_BUCKET = 16
 #: Largest sizes that ``"auto"`` buffers grow to; beyond, BufferOverflowError is raised.
 AUTO_LIMITS = {"max_spikes": 1024, "max_events": 1 << 16, "max_input_spikes": 1 << 20}
 #: An ``"auto"`` buffer shrinks when this many checked calls in a row needed at most half of a
-#: smaller size (spike slots; event buffers: at most half of the buffer, which shrinks to 5/4 of
-#: the need), since the cost of a layer grows with its buffers. The long window and the headroom
-#: keep reruns and new compiled sizes rare: the busiest sample of a batch sets its need, which
-#: varies twofold between training batches.
-SHRINK_AFTER_CALLS = 32
+#: smaller size, since the cost of a layer grows with its buffers. Spike slots (a power of two)
+#: shrink to twice the need after 8 calls. Event buffers wait for 32 calls and shrink only once
+#: the need fell to half of them, to 5/4 of it: the busiest sample of a batch sets their need,
+#: which varies twofold between training batches, and every size that growth and shrinking
+#: alternate between is another compiled program.
+SHRINK_AFTER_CALLS = {"max_spikes": 8, "events": 32}
 
 #: Layer defaults of neuron models given by name where they differ from the model's own: theta
 #: neurons of the reference MNIST setup (``tau = 6/pi``, so that the free period is 6).
@@ -528,16 +529,13 @@ class _SpikingLayer(nn.Module):
         """Shrink ``"auto"`` buffers that the last :data:`SHRINK_AFTER_CALLS` calls all left
         mostly empty (see :data:`SHRINK_AFTER_CALLS`; same rounding as growth)."""
         needs = {buffer: status[buffer] for buffer in call.sizes if self._adaptive[buffer]}
-        self._recent_needs = [*self._recent_needs, needs][-SHRINK_AFTER_CALLS:]
-        if len(self._recent_needs) < SHRINK_AFTER_CALLS:
-            return
-        largest = {buffer: max(recent.get(buffer, 0) for recent in self._recent_needs)
-                   for buffer in needs}
-        for buffer, need in largest.items():
-            # Headroom: twice the need in spike slots; event buffers 5/4 (then rounded up on
-            # the grid), and only once the need fell to half the buffer: event counts vary a
-            # lot between batches (the busiest sample sets them), and every size that growth
-            # and shrinking alternate between is another compiled program.
+        window = max(SHRINK_AFTER_CALLS.values())
+        self._recent_needs = [*self._recent_needs, needs][-window:]
+        for buffer, need in needs.items():
+            calls = SHRINK_AFTER_CALLS["max_spikes" if buffer == "max_spikes" else "events"]
+            if len(self._recent_needs) < calls:
+                continue
+            need = max(recent.get(buffer, 0) for recent in self._recent_needs[-calls:])
             size = getattr(self, buffer)
             if buffer == "max_spikes":
                 smaller = self._grown(buffer, 2 * need, 0)

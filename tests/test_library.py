@@ -132,7 +132,7 @@ def test_auto_buffer_shrinks_after_calls_that_left_it_mostly_empty():
         grown = auto.max_spikes
         quiet_need = int(fixed(quiet).spike_count.max())
         assert 2 * quiet_need <= grown // 2
-        for call in range(SHRINK_AFTER_CALLS):
+        for call in range(SHRINK_AFTER_CALLS["max_spikes"]):
             assert auto.max_spikes == grown
             out = auto(quiet)
             expected = fixed(quiet).times[..., :out.times.shape[-1]]
@@ -173,6 +173,33 @@ def test_auto_event_buffers_follow_drifting_activity_with_few_compiled_shapes():
     event_sizes = {events for events, _ in visited}
     assert len([s for s in event_sizes if 128 < s <= 256]) <= 4  # multiples of 16: 8
     assert _layer_kernel.cache_info().entries - before <= 2 * len(visited)
+
+
+def test_event_buffer_shrinks_only_after_its_need_fell_to_half():
+    """Event needs vary twofold between batches: an event buffer keeps its size while calls
+    need more than half of it, and after SHRINK_AFTER_CALLS["events"] calls needing at most
+    half it shrinks to 5/4 of their need (on the grid)."""
+    from jax_kernels.layers import buffer_size
+    from spike_bridge.nn import SHRINK_AFTER_CALLS
+
+    def distinct_times(n_events: int) -> Spikes:
+        times = torch.full((1, 256, 1), torch.inf)
+        times[0, :n_events, 0] = torch.linspace(0.01, 1.9, n_events)
+        return Spikes(times, T)
+
+    layer = ThetaLinear(256, 2)
+    calls = SHRINK_AFTER_CALLS["events"]
+    with torch.no_grad():
+        layer(distinct_times(200)).times
+        grown = layer.max_events
+        assert grown == buffer_size(200)
+        for _ in range(calls + 8):  # more than half: kept
+            layer(distinct_times(grown // 2 + 8)).times
+            assert layer.max_events == grown
+        for call in range(calls):
+            assert layer.max_events == grown
+            layer(distinct_times(100)).times
+    assert layer.max_events == buffer_size(100 + 100 // 4 + 1) < grown
 
 
 def test_fixed_buffer_overflow_error_names_layer_buffer_and_need():

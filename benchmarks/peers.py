@@ -256,10 +256,12 @@ def train_and_evaluate(make_trainer, data: dict, cfg: dict) -> dict:
 
 def settled_warmup(cfg: dict) -> dict:
     """spike_bridge rows warm up until the adaptive buffers have settled: they grow at once but
-    shrink only after ``SHRINK_AFTER_CALLS`` calls (each new size compiles once)."""
+    spike slots shrink only after ``SHRINK_AFTER_CALLS["max_spikes"]`` calls (each new size
+    compiles once). Event buffers grow to the grid size of their need and, on a row's fixed
+    batch, never need to shrink."""
     from spike_bridge.nn import SHRINK_AFTER_CALLS
 
-    return {**cfg, "warmup": max(cfg["warmup"], max(SHRINK_AFTER_CALLS.values()) + 2)}
+    return {**cfg, "warmup": max(cfg["warmup"], SHRINK_AFTER_CALLS["max_spikes"] + 2)}
 
 
 def worker_spike_bridge(cfg: dict, data: dict) -> dict:

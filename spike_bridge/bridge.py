@@ -787,7 +787,7 @@ _jax_backward_op.register_autograd(_double_backward_error)
 
 #: Cache entries of one JaxFunction that keep their compiled programs; the least recently used
 #: beyond this drop theirs (their memory and memory maps are freed) and compile again if called.
-COMPILED_ENTRIES_PER_FUNCTION = 32
+COMPILED_ENTRIES_PER_FUNCTION = 16
 
 
 class BridgeCacheInfo(NamedTuple):

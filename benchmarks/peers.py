@@ -255,13 +255,14 @@ def train_and_evaluate(make_trainer, data: dict, cfg: dict) -> dict:
 
 
 def settled_warmup(cfg: dict) -> dict:
-    """spike_bridge rows warm up until the adaptive buffers have settled: they grow at once but
-    spike slots shrink only after ``SHRINK_AFTER_CALLS["max_spikes"]`` calls (each new size
-    compiles once). Event buffers grow to the grid size of their need and, on a row's fixed
-    batch, never need to shrink."""
+    """spike_bridge rows warm up until the adaptive buffers have settled: they grow at once,
+    and buffers still at their starting sizes shrink after ``SHRINK_AFTER_CALLS["max_spikes"]``
+    (= ``["events_at_starting_size"]``) calls (each new size compiles once). A row's batch is
+    fixed, so buffers sized by its data never need to shrink later."""
     from spike_bridge.nn import SHRINK_AFTER_CALLS
 
-    return {**cfg, "warmup": max(cfg["warmup"], SHRINK_AFTER_CALLS["max_spikes"] + 2)}
+    first = max(SHRINK_AFTER_CALLS["max_spikes"], SHRINK_AFTER_CALLS["events_at_starting_size"])
+    return {**cfg, "warmup": max(cfg["warmup"], first + 2)}
 
 
 def worker_spike_bridge(cfg: dict, data: dict) -> dict:

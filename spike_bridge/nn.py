@@ -72,11 +72,12 @@ EVENT_BUCKET = 16
 AUTO_LIMITS = {"max_spikes": 1024, "max_events": 1 << 16, "max_input_spikes": 1 << 20}
 #: An ``"auto"`` buffer shrinks when this many checked calls in a row needed at most half of a
 #: smaller size, since the cost of a layer grows with its buffers. Spike slots (a power of two)
-#: shrink to twice the need after 8 calls. Event buffers wait for 32 calls and shrink only once
-#: the need fell to half of them, to 5/4 of it: the busiest sample of a batch sets their need,
-#: which varies twofold between training batches, and every size that growth and shrinking
-#: alternate between is another compiled program.
-SHRINK_AFTER_CALLS = {"max_spikes": 8, "events": 32}
+#: shrink to twice the need after 8 calls; so does an event buffer still at its starting size (a
+#: guess). An event buffer sized by the data before (it grew or shrank) waits for 32 calls and
+#: shrinks only once the need fell to half of it, to 5/4 of the need: the busiest sample of a
+#: batch sets its need, which varies twofold between training batches, and every size that
+#: growth and shrinking alternate between is another compiled program.
+SHRINK_AFTER_CALLS = {"max_spikes": 8, "events": 32, "events_at_starting_size": 8}
 
 #: Layer defaults of neuron models given by name where they differ from the model's own: theta
 #: neurons of the reference MNIST setup (``tau = 6/pi``, so that the free period is 6).
@@ -424,6 +425,7 @@ class _SpikingLayer(nn.Module):
             setattr(self, buffer, size)
             self._adaptive[buffer] = adaptive
         self._recent_needs: list[dict[str, int]] = []
+        self._sized_by_data: set[str] = set()  # buffers that grew or shrank (or were loaded)
 
     def _init_initial_state(self, size: int, learnable: bool, factory: dict) -> None:
         """``initial_state [D, size]`` and the model's state bounds ``[D, 1]`` (buffers)."""
@@ -489,6 +491,7 @@ class _SpikingLayer(nn.Module):
         for buffer, size in dict(state).items():
             if self._adaptive.get(buffer):
                 setattr(self, buffer, max(int(size), 1))
+                self._sized_by_data.add(buffer)
 
     def _apply_status(self, status: dict[str, int], call: _LayerCall) -> bool:
         """React to a call's status: raise for invalid inputs or a fixed buffer that was too
@@ -512,6 +515,7 @@ class _SpikingLayer(nn.Module):
                 raise self._overflow_error(buffer, needed, size, call)
             else:
                 setattr(self, buffer, max(getattr(self, buffer), self._grown(buffer, needed, size)))
+                self._sized_by_data.add(buffer)
                 grew = True
         if fixed_overflows and not grew:
             raise self._overflow_error(*fixed_overflows[0], call)
@@ -532,7 +536,9 @@ class _SpikingLayer(nn.Module):
         window = max(SHRINK_AFTER_CALLS.values())
         self._recent_needs = [*self._recent_needs, needs][-window:]
         for buffer, need in needs.items():
-            calls = SHRINK_AFTER_CALLS["max_spikes" if buffer == "max_spikes" else "events"]
+            calls = SHRINK_AFTER_CALLS[
+                "max_spikes" if buffer == "max_spikes"
+                else "events" if buffer in self._sized_by_data else "events_at_starting_size"]
             if len(self._recent_needs) < calls:
                 continue
             need = max(recent.get(buffer, 0) for recent in self._recent_needs[-calls:])
@@ -545,6 +551,7 @@ class _SpikingLayer(nn.Module):
                 continue
             if smaller < size:
                 setattr(self, buffer, smaller)
+                self._sized_by_data.add(buffer)
                 self._recent_needs = []
 
     def _overflow_error(self, buffer: str, needed: int, size: int,

@@ -535,6 +535,7 @@ class _SpikingLayer(nn.Module):
         needs = {buffer: status[buffer] for buffer in call.sizes if self._adaptive[buffer]}
         window = max(SHRINK_AFTER_CALLS.values())
         self._recent_needs = [*self._recent_needs, needs][-window:]
+        shrunk = False
         for buffer, need in needs.items():
             calls = SHRINK_AFTER_CALLS[
                 "max_spikes" if buffer == "max_spikes"
@@ -552,7 +553,9 @@ class _SpikingLayer(nn.Module):
             if smaller < size:
                 setattr(self, buffer, smaller)
                 self._sized_by_data.add(buffer)
-                self._recent_needs = []
+                shrunk = True
+        if shrunk:  # the calls so far needed sizes as they were
+            self._recent_needs = []
 
     def _overflow_error(self, buffer: str, needed: int, size: int,
                         call: _LayerCall) -> BufferOverflowError:

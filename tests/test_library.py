@@ -202,6 +202,25 @@ def test_event_buffer_shrinks_only_after_its_need_fell_to_half():
     assert layer.max_events == buffer_size(100 + 100 // 4 + 1) < grown
 
 
+def test_buffers_at_their_starting_sizes_shrink_together():
+    """A binary image given as times is one event of many coincident spikes: the event buffer
+    (starting at 16) and the spike slots (starting at 8) both shrink after
+    SHRINK_AFTER_CALLS["events_at_starting_size"] calls, in the same call."""
+    from spike_bridge.nn import SHRINK_AFTER_CALLS
+
+    times = torch.full((2, 48, 1), torch.inf)
+    times[:, :30, 0] = 0.1
+    layer = ThetaLinear(48, 3)
+    assert (layer.max_events, layer.max_spikes) == (16, 8)
+    calls = SHRINK_AFTER_CALLS["events_at_starting_size"]
+    assert calls == SHRINK_AFTER_CALLS["max_spikes"]
+    with torch.no_grad():
+        for _ in range(calls):
+            need = int(layer(Spikes(times, T)).spike_count.max())
+    assert need <= 2 and layer.max_spikes <= 4
+    assert layer.max_events == 2  # 5/4 of the one event, on the grid
+
+
 def test_fixed_buffer_overflow_error_names_layer_buffer_and_need():
     spikes = _busy_input()
     layer = ThetaLinear(48, 3, max_spikes=1, name="busy")

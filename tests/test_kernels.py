@@ -12,6 +12,9 @@ Every comparison is checked to be non-vacuous (spikes in every layer, several sp
 ties).
 """
 
+import os
+import subprocess
+import sys
 from functools import partial
 
 import jax
@@ -322,3 +325,94 @@ def test_float32_theta_stack_agrees_with_float64():
     assert_close(single_out["filled"], double_out["filled"], 1e-4, "filled times")
     assert single_grads["weights"][0].dtype == jnp.float32
     assert_trees_close(single_grads, double_grads, 1e-3, "gradient")
+
+
+# --- 6. the native CPU kernel == the pure-JAX scan --------------------------------------------------
+def rotation_scan_problem(gathered: bool, dtype):
+    """Events of the rotating layer: ~3 spikes per neuron for K = 2 slots (overflow included),
+    events outside the trial (not applied), both kinds of kicks."""
+    rng = np.random.default_rng(11)
+    n_events, batch, n_neurons, n_rows = 37, 5, 7, 11
+    angle = jnp.asarray(rng.uniform(0.0, 1.2, (batch, n_neurons)), dtype)
+    state = jnp.stack([jnp.cos(angle), jnp.sin(angle)])
+    angle_step = jnp.asarray(rng.uniform(0.0, 0.3, (n_events, batch, 1)), dtype)
+    applied = jnp.asarray(rng.uniform(size=(n_events, batch)) < 0.85)
+    if gathered:
+        table = jnp.asarray(rng.normal(size=(n_rows, n_neurons)), dtype)
+        index = jnp.asarray(rng.integers(0, n_rows, (n_events, batch)), jnp.int32)
+    else:
+        table, index = jnp.asarray(rng.normal(size=(n_events, batch, n_neurons)), dtype), None
+    return state, angle_step, applied, table, index
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered-kicks", "dense-kicks"])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
+def test_native_rotation_scan_equals_pure_jax_scan(gathered, dtype):
+    from jax_kernels import native
+    from jax_kernels.models import theta
+
+    assert native.available(), "the CI machine has a C++ compiler: the native kernel must build"
+    state, angle_step, applied, table, index = rotation_scan_problem(gathered, dtype)
+    max_spikes, n_events = 2, angle_step.shape[0]
+
+    def value_and_gradients(scan):
+        def outputs(state, angle_step, table):
+            return scan(max_spikes, 0.9, state, angle_step, applied, table, index)
+
+        def loss(state, angle_step, table):
+            final, _, _, reset_cos, reset_sin = outputs(state, angle_step, table)
+            weight = jnp.linspace(0.1, 1.0, reset_cos.size, dtype=dtype).reshape(reset_cos.shape)
+            return (jnp.sum(final * jnp.asarray([0.3, -0.7], dtype)[:, None, None])
+                    + jnp.sum(weight * reset_cos) - jnp.sum(weight ** 2 * reset_sin))
+
+        return (jax.jit(outputs)(state, angle_step, table),
+                jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(state, angle_step, table))
+
+    (final, count, interval, reset_cos, reset_sin), grads = value_and_gradients(
+        theta._rotation_scan)
+    (n_final, n_count, n_interval, n_reset_cos, n_reset_sin), n_grads = value_and_gradients(
+        theta._native_rotation_scan)
+    count = np.asarray(count)
+    assert count.max() > max_spikes and np.sum(count >= 1) > count.size // 2  # not vacuous
+    np.testing.assert_array_equal(np.asarray(n_count), count)
+    # No spike: any event index >= n_events (the pure-JAX scan pads to whole chunks).
+    recorded = np.asarray(interval) < n_events
+    np.testing.assert_array_equal(np.asarray(n_interval) < n_events, recorded)
+    np.testing.assert_array_equal(np.asarray(n_interval)[recorded], np.asarray(interval)[recorded])
+    tolerance = 1e-12 if dtype == jnp.float64 else 1e-3  # float32: rounding over 37 events
+    for name, ours, reference in [("final", n_final, final), ("reset_cos", n_reset_cos, reset_cos),
+                                  ("reset_sin", n_reset_sin, reset_sin),
+                                  *zip(("grad state", "grad angle", "grad table"), n_grads, grads)]:
+        assert np.asarray(ours).dtype == np.dtype(dtype), name
+        assert np.any(np.asarray(reference) != 0), name
+        assert_close(ours, reference, tolerance, name)
+
+
+def test_theta_layer_without_native_kernel_gives_the_same_results(tmp_path):
+    """``JAX_KERNELS_NATIVE=0`` (or no compiler): the pure-JAX scan, same layer outputs."""
+    script = tmp_path / "layer.py"
+    script.write_text(
+        "import sys, jax, numpy as np\n"
+        "jax.config.update('jax_enable_x64', True)\n"
+        "from jax_kernels import native\n"
+        "from jax_kernels.layers import spiking_layer\n"
+        "from jax_kernels.models import Theta\n"
+        "rng = np.random.default_rng(3)\n"
+        "times = rng.uniform(0, 2.5, (4, 9, 2))\n"
+        "weights = rng.normal(0, 1.5, (6, 9))\n"
+        "state = rng.uniform(0, 2, (1, 6))\n"
+        "out = jax.jit(lambda w, x, t: spiking_layer(w, x, t, model=Theta(), T=3.0, max_events=32,"
+        " max_spikes=4, max_input_spikes=32))(weights, state, times)\n"
+        "np.save(sys.argv[1], np.concatenate([np.asarray(out.filled_times).ravel(),"
+        " np.asarray(out.final_state).ravel(), [native.available()]]))\n"
+    )
+    results = {}
+    for setting in ("1", "0"):
+        path = tmp_path / f"native{setting}.npy"
+        env = {**os.environ, "JAX_KERNELS_NATIVE": setting}
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=300)
+        results[setting] = np.load(path)
+    assert results["1"][-1] == 1 and results["0"][-1] == 0
+    ours, reference = results["1"][:-1], results["0"][:-1]
+    assert not np.any(np.isnan(ours)) and np.sum(ours < 3.0) >= 5  # spikes inside the trial
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12, equal_nan=False)

@@ -8,8 +8,10 @@ from math import pi, sqrt
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 
+from jax_kernels import native
 from jax_kernels.models.base import PhaseOscillatorModel, require_positive
 
 
@@ -108,7 +110,8 @@ class Theta(PhaseOscillatorModel):
             jnp.broadcast_to(jnp.cos(angle0), (batch, n_neurons)),
             jnp.broadcast_to(initial_sin, (batch, n_neurons)),
         ])
-        final, count, interval, reset_cos_k, reset_sin_k = _rotation_scan(
+        scan = _native_rotation_scan if native.available() else _rotation_scan
+        final, count, interval, reset_cos_k, reset_sin_k = scan(
             max_spikes, 1.0 / self._root, initial, angle_step, applied, table, index
         )  # spike records [K, B, N]
         n_events = times.shape[1]
@@ -334,3 +337,55 @@ def _rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
 
 
 _rotation_scan.defvjp(_rotation_scan_fwd, _rotation_scan_bwd)
+
+
+def _native_rotation_scan_fwd(max_spikes, inverse_root, state, angle_step, applied, table, index):
+    dtype = state.dtype
+    batch, n_neurons = state.shape[1:]
+    cos_step, sin_step = jnp.cos(angle_step[..., 0]), jnp.sin(angle_step[..., 0])  # [S, B]
+    index = jnp.zeros((0,), jnp.int32) if index is None else index.astype(jnp.int32)
+    attributes = dict(gathered=index.ndim == 2, inverse_root=np.float64(inverse_root))
+    records = (max_spikes, batch, n_neurons)
+    outputs = jax.ffi.ffi_call(
+        native.target("forward", dtype),
+        (
+            jax.ShapeDtypeStruct(state.shape, dtype),
+            jax.ShapeDtypeStruct((batch, n_neurons), jnp.int32),
+            jax.ShapeDtypeStruct(records, jnp.int32),
+            jax.ShapeDtypeStruct(records, dtype),
+            jax.ShapeDtypeStruct(records, dtype),
+        ),
+        vmap_method="sequential",
+    )(state, cos_step, sin_step, applied, table, index, **attributes)
+    return tuple(outputs), (state, cos_step, sin_step, applied, table, index, outputs[2])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _native_rotation_scan(max_spikes, inverse_root, state, angle_step, applied, table, index):
+    """:func:`_rotation_scan` (same arguments and results; the event of a spike record is an
+    int32) computed by the C++ kernel of :mod:`jax_kernels.native` on CPU: sample by sample, one
+    sample's neurons in the cache for all its events. Its reverse pass recomputes each sample's
+    events and runs them backwards, with the same arithmetic as :func:`_rotation_scan_bwd`."""
+    return _native_rotation_scan_fwd(max_spikes, inverse_root, state, angle_step, applied,
+                                     table, index)[0]
+
+
+def _native_rotation_scan_bwd(max_spikes, inverse_root, residuals, cotangents):
+    state, cos_step, sin_step, applied, table, index, interval = residuals
+    grad_final, _, _, grad_reset_cos_k, grad_reset_sin_k = cotangents
+    dtype = state.dtype
+    grad_state, grad_angle, grad_table = jax.ffi.ffi_call(
+        native.target("backward", dtype),
+        (
+            jax.ShapeDtypeStruct(state.shape, dtype),
+            jax.ShapeDtypeStruct(cos_step.shape, dtype),
+            jax.ShapeDtypeStruct(table.shape, dtype),
+        ),
+        vmap_method="sequential",
+    )(state, cos_step, sin_step, applied, table, index, interval, grad_final.astype(dtype),
+      grad_reset_cos_k.astype(dtype), grad_reset_sin_k.astype(dtype),
+      gathered=index.ndim == 2, inverse_root=np.float64(inverse_root))
+    return grad_state, grad_angle[..., None], None, grad_table, None
+
+
+_native_rotation_scan.defvjp(_native_rotation_scan_fwd, _native_rotation_scan_bwd)

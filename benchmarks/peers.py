@@ -825,8 +825,9 @@ def main() -> None:
         md += ["", *table(rows), "", "Ratios of median step times:", "",
                *[f"- {name}: {fmt(value, '.2f')}" for name, value in result["ratios"].items()]]
     if curves:
-        md += ["", f"Scaling of the S3 step (median of {args.scaling_steps} steps after 1 "
-                   "warm-up per point): `peers_scaling.png` (points in `peers.json`)."]
+        md += ["", f"Scaling of the S3 step (median of {args.scaling_steps} steps per point, "
+                   "after the warm-up that lets the adaptive buffers settle): "
+                   "`peers_scaling.png` (points in `peers.json`)."]
     (args.out / "peers.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

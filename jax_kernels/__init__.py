@@ -1,4 +1,5 @@
-"""Pure-JAX event-based kernels of exact-gradient spiking networks (never imports torch)."""
+"""Event-based JAX kernels of exact-gradient spiking networks (never imports torch; on CPU the
+theta layer's scan runs in a C++ kernel through ``jax.ffi``, see :mod:`jax_kernels.native`)."""
 
 # The models first: jax_kernels.models.theta uses jax_kernels.simulate, which uses
 # jax_kernels.models.base. Loading the models package before anything else lets every module of

@@ -16,7 +16,6 @@ the CPU (device arrays of other platforms use the pure-JAX scans).
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -24,12 +23,18 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import jax
 import jaxlib
+
+try:  # POSIX: a file lock serialises concurrent builds
+    import fcntl
+except ImportError:  # e.g. Windows: no native kernel (the pure-JAX scan runs)
+    fcntl = None
 
 _SOURCE = Path(__file__).with_name("theta_scan.cc")
 #: ``-fno-math-errno -fno-trapping-math`` let the compiler vectorise the neuron loops (``sqrt``
@@ -86,10 +91,18 @@ def _build(compiler: str) -> Path:
     return library
 
 
-@functools.lru_cache(maxsize=None)
+_REGISTRATION_LOCK = threading.Lock()
+
+
 def _registered() -> bool:
     """Build, load and register the kernels once per process; False where that is impossible."""
-    if os.environ.get("JAX_KERNELS_NATIVE", "1") == "0":
+    with _REGISTRATION_LOCK:  # traced from several threads: register once
+        return _register()
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> bool:
+    if os.environ.get("JAX_KERNELS_NATIVE", "1") == "0" or fcntl is None:
         return False
     compiler = _compiler()
     if compiler is None:

@@ -416,3 +416,20 @@ def test_theta_layer_without_native_kernel_gives_the_same_results(tmp_path):
     ours, reference = results["1"][:-1], results["0"][:-1]
     assert not np.any(np.isnan(ours)) and np.sum(ours < 3.0) >= 5  # spikes inside the trial
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12, equal_nan=False)
+
+
+def test_failed_native_build_warns_and_falls_back(tmp_path):
+    """A compiler that fails: one warning naming the fallback, the pure-JAX scan, no error."""
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from jax_kernels import native\n"
+        "    assert not native.available() and not native.available()\n"
+        "messages = [str(w.message) for w in caught]\n"
+        "assert len(messages) == 1 and 'building the native theta kernel failed' in messages[0]"
+        " and 'pure-JAX scan' in messages[0], messages\n"
+    )
+    env = {**os.environ, "CXX": "false", "JAX_KERNELS_CACHE": str(tmp_path / "cache"),
+           "JAX_KERNELS_NATIVE": "1"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)

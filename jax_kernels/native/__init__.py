@@ -107,14 +107,14 @@ def _register() -> bool:
     compiler = _compiler()
     if compiler is None:
         warnings.warn("jax_kernels: no C++ compiler found; the theta layer uses its pure-JAX "
-                      "scan on CPU (slower). Install g++ to get the native kernel.", stacklevel=3)
+                      "scan on CPU (slower). Install g++ to get the native kernel.", stacklevel=2)
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
         warnings.warn(f"jax_kernels: building the native theta kernel failed ({detail}); the "
-                      "theta layer uses its pure-JAX scan on CPU (slower).", stacklevel=3)
+                      "theta layer uses its pure-JAX scan on CPU (slower).", stacklevel=2)
         return False
     for symbol in _TARGETS.values():
         jax.ffi.register_ffi_target(

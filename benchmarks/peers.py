@@ -746,7 +746,7 @@ def main() -> None:
                         help=f"rows to run, of {', '.join(ROWS)} (default: all; none: only "
                              "the scaling curves)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
-    parser.add_argument("--scaling-steps", type=int, default=3)
+    parser.add_argument("--scaling-steps", type=int, default=5)
     for axis, values in SCALING.items():
         parser.add_argument(f"--scaling-{axis}", type=int, nargs="+", default=list(values),
                             metavar="N", help=f"scaling points (default {' '.join(map(str, values))})")

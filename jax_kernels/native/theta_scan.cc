@@ -72,26 +72,41 @@ int64_t BlockSize(int64_t batch, int64_t threads) {
   return std::max<int64_t>(1, batch / std::max<int64_t>(1, 4 * threads));
 }
 
-// One event for the neurons of one sample: rotate by (cs, sn), reset the neurons past the
-// spike (z -> -z), kick by u = scale * row. Writes the state after the event, and the state after
-// the reset (before the kick) and the spike flag for the records.
+// One neuron's event, the arithmetic shared by the forward pass and the reverse pass's
+// recomputation: rotate by (cs, sn), reset past the spike (z -> -z), kick by u.
+template <typename T>
+struct NeuronEvent {
+  T sign, reset_cos, reset_sin, u, inverse_norm, cos_out, sin_out;
+  bool spike;
+
+  inline NeuronEvent(T cos, T sin, T cs, T sn, T kick, T scale) {
+    const T rotated_cos = cos * cs - sin * sn;
+    const T rotated_sin = sin * cs + cos * sn;
+    spike = (rotated_sin < T(0)) | ((rotated_sin == T(0)) & (rotated_cos < T(0)));
+    sign = spike ? T(-1) : T(1);
+    reset_cos = sign * rotated_cos;
+    reset_sin = sign * rotated_sin;
+    u = kick * scale;
+    const T shifted = reset_cos - u * reset_sin;
+    inverse_norm = T(1) / std::sqrt(shifted * shifted + reset_sin * reset_sin);
+    cos_out = shifted * inverse_norm;
+    sin_out = reset_sin * inverse_norm;
+  }
+};
+
+// One event for the neurons of one sample (NeuronEvent, kick u = scale * row). Writes the state
+// after the event, and the state after the reset (before the kick) and the spike flag for the
+// records.
 template <typename T>
 inline void Event(int64_t n_neurons, T* cos, T* sin, T cs, T sn, const T* row, T scale,
                   T* reset_cos, T* reset_sin, uint8_t* spiked) {
   for (int64_t n = 0; n < n_neurons; ++n) {
-    const T rotated_cos = cos[n] * cs - sin[n] * sn;
-    const T rotated_sin = sin[n] * cs + cos[n] * sn;
-    const bool spike = (rotated_sin < T(0)) | ((rotated_sin == T(0)) & (rotated_cos < T(0)));
-    const T sign = spike ? T(-1) : T(1);
-    const T rc = sign * rotated_cos, rs = sign * rotated_sin;
-    const T u = row[n] * scale;
-    const T shifted = rc - u * rs;
-    const T inverse_norm = T(1) / std::sqrt(shifted * shifted + rs * rs);
-    cos[n] = shifted * inverse_norm;
-    sin[n] = rs * inverse_norm;
-    reset_cos[n] = rc;
-    reset_sin[n] = rs;
-    spiked[n] = spike;
+    const NeuronEvent<T> event(cos[n], sin[n], cs, sn, row[n], scale);
+    cos[n] = event.cos_out;
+    sin[n] = event.sin_out;
+    reset_cos[n] = event.reset_cos;
+    reset_sin[n] = event.reset_sin;
+    spiked[n] = event.spike;
   }
 }
 
@@ -108,15 +123,10 @@ inline int ReverseEvent(int64_t n_neurons, const T* cos_before, const T* sin_bef
                         T* angle_terms) {
   int any_recorded = 0;
   for (int64_t n = 0; n < n_neurons; ++n) {
-    const T rotated_cos = cos_before[n] * c_step - sin_before[n] * s_step;
-    const T rotated_sin = sin_before[n] * c_step + cos_before[n] * s_step;
-    const bool spike = (rotated_sin < T(0)) | ((rotated_sin == T(0)) & (rotated_cos < T(0)));
-    const T sign = spike ? T(-1) : T(1);
-    const T reset_cos = sign * rotated_cos, reset_sin = sign * rotated_sin;
-    const T u = row[n] * scale;
-    const T shifted = reset_cos - u * reset_sin;
-    const T inverse_norm = T(1) / std::sqrt(shifted * shifted + reset_sin * reset_sin);
-    const T cos_out = shifted * inverse_norm, sin_out = reset_sin * inverse_norm;
+    const NeuronEvent<T> forward(cos_before[n], sin_before[n], c_step, s_step, row[n], scale);
+    const T sign = forward.sign, reset_cos = forward.reset_cos, reset_sin = forward.reset_sin;
+    const T u = forward.u, inverse_norm = forward.inverse_norm;
+    const T cos_out = forward.cos_out, sin_out = forward.sin_out;
     // Normalisation: d(out)/d(shifted, reset_sin) is r (sin_out, -cos_out) (sin_out, -cos_out)^T.
     const T q = inverse_norm * (grad_cos[n] * sin_out - grad_sin[n] * cos_out);
     const T grad_shifted = q * sin_out;
@@ -330,7 +340,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<D> state, ffi::Buffer<D> c
   return ffi::Error::Success();
 }
 
-#define FORWARD_BINDING(D)                               \
+// The inputs both kernels take: state, cos_step, sin_step, applied, kick table, index.
+#define SCAN_INPUTS(D)                                   \
   ffi::Ffi::Bind()                                       \
       .Ctx<ffi::ThreadPool>()                            \
       .Arg<ffi::Buffer<D>>()                             \
@@ -338,33 +349,30 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<D> state, ffi::Buffer<D> c
       .Arg<ffi::Buffer<D>>()                             \
       .Arg<ffi::Buffer<ffi::PRED>>()                     \
       .Arg<ffi::Buffer<D>>()                             \
-      .Arg<ffi::Buffer<ffi::S32>>()                      \
-      .Ret<ffi::Buffer<D>>()                             \
-      .Ret<ffi::Buffer<ffi::S32>>()                      \
-      .Ret<ffi::Buffer<ffi::S32>>()                      \
-      .Ret<ffi::Buffer<D>>()                             \
-      .Ret<ffi::Buffer<D>>()                             \
-      .Attr<bool>("gathered")                            \
-      .Attr<double>("inverse_root")
+      .Arg<ffi::Buffer<ffi::S32>>()
 
+#define SCAN_ATTRIBUTES .Attr<bool>("gathered").Attr<double>("inverse_root")
+
+// Returns: final state, counts, record events, record cos, record sin.
+#define FORWARD_BINDING(D)                               \
+  SCAN_INPUTS(D)                                         \
+      .Ret<ffi::Buffer<D>>()                             \
+      .Ret<ffi::Buffer<ffi::S32>>()                      \
+      .Ret<ffi::Buffer<ffi::S32>>()                      \
+      .Ret<ffi::Buffer<D>>()                             \
+      .Ret<ffi::Buffer<D>>() SCAN_ATTRIBUTES
+
+// Also takes: record events and the cotangents of the final state and of the records; returns
+// the cotangents of the state, the angle steps and the kick table.
 #define BACKWARD_BINDING(D)                              \
-  ffi::Ffi::Bind()                                       \
-      .Ctx<ffi::ThreadPool>()                            \
-      .Arg<ffi::Buffer<D>>()                             \
-      .Arg<ffi::Buffer<D>>()                             \
-      .Arg<ffi::Buffer<D>>()                             \
-      .Arg<ffi::Buffer<ffi::PRED>>()                     \
-      .Arg<ffi::Buffer<D>>()                             \
-      .Arg<ffi::Buffer<ffi::S32>>()                      \
+  SCAN_INPUTS(D)                                         \
       .Arg<ffi::Buffer<ffi::S32>>()                      \
       .Arg<ffi::Buffer<D>>()                             \
       .Arg<ffi::Buffer<D>>()                             \
       .Arg<ffi::Buffer<D>>()                             \
       .Ret<ffi::Buffer<D>>()                             \
       .Ret<ffi::Buffer<D>>()                             \
-      .Ret<ffi::Buffer<D>>()                             \
-      .Attr<bool>("gathered")                            \
-      .Attr<double>("inverse_root")
+      .Ret<ffi::Buffer<D>>() SCAN_ATTRIBUTES
 
 }  // namespace
 

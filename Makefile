@@ -39,10 +39,11 @@ demo: $(STAMP) data
 # each group's output is printed when all have finished. `make test TEST_PARALLEL=0` runs them
 # one after the other, with live output.
 # Files sharing compiled kernels (tests/kernel_stack.py: test_conformance, test_kernels) share a
-# group; the subprocess-heavy files (examples, DDP) fill another.
-TEST_GROUPS := "tests/test_compile.py tests/test_ddp.py tests/test_examples_mnist.py tests/test_examples_other.py" \
-	"tests/test_bridge.py tests/test_conformance.py tests/test_conv.py tests/test_data.py tests/test_fusion.py tests/test_kernels.py" \
-	"tests/test_library.py tests/test_models.py tests/test_nn.py tests/test_optim.py tests/test_plot.py tests/test_readme.py tests/test_reliability.py tests/test_yin_yang.py"
+# group; the subprocess-heavy files (examples, DDP) fill another. Most of the suite's time is XLA
+# compiling small programs: tests/conftest.py compiles them at LLVM -O0 (see there).
+TEST_GROUPS := "tests/test_compile.py tests/test_examples_mnist.py tests/test_examples_other.py tests/test_models.py tests/test_readme.py tests/test_yin_yang.py" \
+	"tests/test_bridge.py tests/test_conformance.py tests/test_conv.py tests/test_data.py tests/test_fusion.py tests/test_kernels.py tests/test_optim.py tests/test_plot.py" \
+	"tests/test_library.py tests/test_nn.py tests/test_reliability.py"
 TEST_PARALLEL ?= 1
 TEST_LOGS := outputs/test-logs
 test: $(STAMP) data

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from functools import partial
+import os
 
-import jax
-import numpy as np
-import torch
-from torch import nn
+# The suite compiles hundreds of small XLA programs that then run for milliseconds; most of its
+# time went to XLA's LLVM backend optimising their machine code. Tests (and the examples they
+# start, which inherit the environment) compile at LLVM -O0: the same HLO programs (XLA's own
+# passes, fusion and reduction order are unchanged), results within a few units in the last
+# place of the default -O3 build (checked by test_compile.py's
+# test_test_suite_compiler_setting_changes_no_numbers). Set before JAX initialises its CPU backend; a level set by the caller wins.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
 
-from spike_bridge.nn import BinnedLatencyEncoder, FirstSpikeTime, ThetaLinear
-from spike_bridge.spikes import Spikes
+from functools import partial  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from spike_bridge.nn import BinnedLatencyEncoder, FirstSpikeTime, ThetaLinear  # noqa: E402
+from spike_bridge.spikes import Spikes  # noqa: E402
 
 # Continuous input spike times [B=2, N_in=4, K_in=2] (as from a LatencyEncoder): all distinct, away
 # from each other, from 0 and from T = 2; two of them fall after T (not part of the trial).

@@ -243,12 +243,12 @@ def test_fixed_buffer_overflow_error_names_layer_buffer_and_need():
 
 def test_recurrent_event_buffer_grows_with_auto():
     spikes = Spikes(torch.tensor([[[0.1, 0.5, 0.9], [0.3, 0.7, 1.1]]]), 3.0)
-    rec = SpikingRecurrent(2, 3, T=3.0, max_events=2)
+    rec = SpikingRecurrent(2, 3, T=3.0, max_events=4)
     with pytest.raises(BufferOverflowError) as info:
         rec(spikes).times
     needed = info.value.needed
     grown = SpikingRecurrent(2, 3, T=3.0)
-    grown.max_events = 2  # "auto", starting small
+    grown.max_events = 4  # "auto", starting small
     times = grown(spikes).times  # reading the output checks (and reruns) the call
     assert grown.max_events >= needed
     exact = SpikingRecurrent(2, 3, T=3.0, max_events=needed)

@@ -71,6 +71,7 @@ def _run_block(title: str, index: int = 0) -> dict:
 def test_kernels_example_runs():
     """The block asserts its buffers sufficed; here: shapes, finite non-zero gradients, and the
     vmapped weight sets agree with separate calls."""
+    import jax
     import numpy as np
 
     ns = _run_block("Kernels")
@@ -81,7 +82,7 @@ def test_kernels_example_runs():
     assert int(np.asarray(out.spike_count).sum()) > 0  # the layer is not silent
     np.testing.assert_allclose(np.asarray(many.filled_times[0]), np.asarray(out.filled_times),
                                rtol=1e-6)
-    doubled = ns["layer"](2 * w, ns["x0"], ns["x"])
+    doubled = jax.jit(ns["layer"])(2 * w, ns["x0"], ns["x"])
     np.testing.assert_allclose(np.asarray(many.filled_times[1]),
                                np.asarray(doubled.filled_times), rtol=1e-6)
 

@@ -8,8 +8,9 @@ import os
 # time went to XLA's LLVM backend optimising their machine code. Tests (and the examples they
 # start, which inherit the environment) compile at LLVM -O0: the same HLO programs (XLA's own
 # passes, fusion and reduction order are unchanged), results within a few units in the last
-# place of the default -O3 build (checked by test_compile.py's
-# test_test_suite_compiler_setting_changes_no_numbers). Set before JAX initialises its CPU backend; a level set by the caller wins.
+# place of the default -O3 build (test_compile.py's
+# test_suite_compiler_setting_agrees_with_the_default_level checks it). Set before JAX
+# initialises its CPU backend; a level set by the caller wins.
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()

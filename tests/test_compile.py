@@ -142,7 +142,7 @@ def test_compiled_network_equals_eager(name, fullgraph, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# The suite's compiler setting (conftest.py: XLA's LLVM backend at -O0) changes no numbers
+# The suite's compiler setting (conftest.py: XLA's LLVM backend at -O0) agrees with the default
 # ------------------------------------------------------------------------------------------------
 
 def setting_check_results() -> list[torch.Tensor]:
@@ -160,7 +160,7 @@ def setting_check_results() -> list[torch.Tensor]:
     return [*results, out.detach(), *torch.autograd.grad(out[..., 0].sum(), list(qif.parameters()))]
 
 
-def test_test_suite_compiler_setting_changes_no_numbers(tmp_path):
+def test_suite_compiler_setting_agrees_with_the_default_level(tmp_path):
     assert TEST_XLA_FLAG in os.environ["XLA_FLAGS"]
     suite = setting_check_results()
     # the same in a process at XLA's default LLVM level (3)

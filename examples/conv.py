@@ -1,6 +1,6 @@
 """All-spiking convolutional theta network on Fashion-MNIST (or MNIST).
 
-    image -> BinnedLatencyEncoder (pixel intensity -> one input spike, brighter earlier)
+    image -> BinnedLatencyEncoder (8 intensity bins -> one input spike, brighter earlier)
           -> SpikingConv2d(1 -> c1, 5x5) -> EarliestSpikePool2d(2, first spike)
           -> SpikingConv2d(c1 -> c2, 5x5) -> EarliestSpikePool2d(2, first spike)
           -> ThetaLinear(c2 * 4 * 4 -> 10) -> FirstSpikeTime()
@@ -91,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, nargs=2, default=[8, 16])
     parser.add_argument("--pool-spikes", type=int, default=1,
                         help="earliest spikes each pooling window passes on (1: first spikes)")
-    parser.add_argument("--bins", type=int, default=1, help="input time bins (1: binary image)")
+    parser.add_argument("--bins", type=int, default=8,
+                        help="input time bins (1: binary image, which loses most of "
+                             "Fashion-MNIST's texture)")
     parser.add_argument("--T", type=float, default=2.0)
     parser.add_argument("--w-scale", type=float, default=2.0)
     parser.add_argument("--max-spikes", type=lambda v: v if v == "auto" else int(v),

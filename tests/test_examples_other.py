@@ -1,7 +1,9 @@
-"""End-to-end smoke tests of ``examples/hybrid_conv.py`` and ``examples/spike_timing.py``.
+"""End-to-end smoke tests of ``examples/hybrid_conv.py``, ``examples/conv.py`` and
+``examples/spike_timing.py``.
 
-Each example runs as a subprocess on a tiny setting (a training step or two) and must print its
-output directory on the last line, with the metrics JSON and the PNGs in it and finite losses.
+Each example runs on a tiny setting (a training step or two) and must print (or, called in
+process, return) its output directory, with the metrics JSON and the PNGs in it and finite
+losses.
 """
 
 from __future__ import annotations
@@ -109,3 +111,33 @@ def test_ddp_example_under_torchrun(tmp_path):
     difference, largest = float(check.group(1)), float(check.group(2))
     assert difference <= 1e-12 and largest > 1e-3
     assert re.search(r"^final loss \d+\.\d{4}$", result.stdout, flags=re.MULTILINE)
+
+
+def test_conv_example_tiny(tmp_path, monkeypatch):
+    """``examples/conv.py`` end to end on a tiny setting (2 x 2 steps, 2 and 4 channels): the
+    README's all-spiking conv command with its files (curves, feature maps, model)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    import conv
+
+    out = conv.main([
+        "--epochs", "2", "--samples-per-epoch", "100", "--epoch-test-samples", "50",
+        "--max-test-samples", "50", "--batch-size", "50", "--channels", "2", "4",
+        "--data-root", str(REPO / "data"), "--out", str(tmp_path / "conv"),
+    ])
+    assert out == (tmp_path / "conv").resolve()
+    for name in ("metrics.json", "learning_curves.png", "feature_maps_conv1.png",
+                 "feature_maps_conv2.png", "raster.png", "model.pt"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["bins"] == 8
+    assert len(metrics["history"]) == 2
+    assert _finite([h["train_loss"] for h in metrics["history"]]
+                   + [h["test_loss"] for h in metrics["history"]])
+    final = metrics["final"]
+    assert final["test_samples"] == 50
+    assert 0.0 <= final["test_accuracy_ordinary"] <= 1.0
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and math.isfinite(final["test_loss"])
+    # every layer reported, the first convolution active (8-bin input of bright pixels)
+    assert set(final["activity_per_layer"]) == {"1", "3", "5"}
+    assert final["activity_per_layer"]["1"] > 0

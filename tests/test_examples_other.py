@@ -114,15 +114,16 @@ def test_ddp_example_under_torchrun(tmp_path):
 
 
 def test_conv_example_tiny(tmp_path, monkeypatch):
-    """``examples/conv.py`` end to end on a tiny setting (2 x 2 steps, 2 and 4 channels): the
-    README's all-spiking conv command with its files (curves, feature maps, model)."""
+    """``examples/conv.py`` end to end on a tiny setting (2 epochs of one step, 2 and 4 channels,
+    4 test images: the size of its feature-map figure, so evaluation and figure share one
+    compiled forward): the README's all-spiking conv command with its files."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     import conv
 
     out = conv.main([
-        "--epochs", "2", "--samples-per-epoch", "100", "--epoch-test-samples", "50",
-        "--max-test-samples", "50", "--batch-size", "50", "--channels", "2", "4",
+        "--epochs", "2", "--samples-per-epoch", "50", "--epoch-test-samples", "4",
+        "--max-test-samples", "4", "--batch-size", "50", "--channels", "2", "4",
         "--data-root", str(REPO / "data"), "--out", str(tmp_path / "conv"),
     ])
     assert out == (tmp_path / "conv").resolve()
@@ -135,7 +136,7 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
     assert _finite([h["train_loss"] for h in metrics["history"]]
                    + [h["test_loss"] for h in metrics["history"]])
     final = metrics["final"]
-    assert final["test_samples"] == 50
+    assert final["test_samples"] == 4
     assert 0.0 <= final["test_accuracy_ordinary"] <= 1.0
     assert 0.0 <= final["test_accuracy"] <= 1.0 and math.isfinite(final["test_loss"])
     # every layer reported, the first convolution active (8-bin input of bright pixels)

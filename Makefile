@@ -45,18 +45,20 @@ TEST_GROUPS := "tests/test_compile.py tests/test_examples_mnist.py tests/test_ex
 	"tests/test_bridge.py tests/test_conformance.py tests/test_conv.py tests/test_data.py tests/test_fusion.py tests/test_kernels.py tests/test_optim.py tests/test_plot.py" \
 	"tests/test_library.py tests/test_nn.py tests/test_reliability.py"
 TEST_PARALLEL ?= 1
+# The slowest tests of each group are listed at the end of its log (where the 10 minutes go).
+PYTEST_FLAGS ?= --durations=12
 TEST_LOGS := outputs/test-logs
 test: $(STAMP) data
 	@missing=$$(ls tests/test_*.py | grep -v -x -F "$$(printf '%s\n' $(TEST_GROUPS) | tr ' ' '\n')"); \
 	if [ -n "$$missing" ]; then echo "test files in no TEST_GROUPS entry: $$missing"; exit 1; fi
 	@if [ "$(TEST_PARALLEL)" = 0 ]; then \
-		status=0; for group in $(TEST_GROUPS); do $(PY) -m pytest -q $$group || status=1; done; \
+		status=0; for group in $(TEST_GROUPS); do $(PY) -m pytest -q $(PYTEST_FLAGS) $$group || status=1; done; \
 		exit $$status; \
 	fi; \
 	rm -rf $(TEST_LOGS); mkdir -p $(TEST_LOGS); i=0; \
 	for group in $(TEST_GROUPS); do \
 		i=$$((i + 1)); \
-		{ $(PY) -m pytest -q $$group > $(TEST_LOGS)/group$$i.log 2>&1; \
+		{ $(PY) -m pytest -q $(PYTEST_FLAGS) $$group > $(TEST_LOGS)/group$$i.log 2>&1; \
 		  echo $$? > $(TEST_LOGS)/group$$i.status; } & \
 	done; \
 	echo "$$i pytest processes running side by side; logs in $(TEST_LOGS)/"; wait; \

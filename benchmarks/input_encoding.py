@@ -28,7 +28,7 @@ WEIGHT_DECAY = 1e-4
 
 def one_hot_bins(images: torch.Tensor, n_bins: int) -> torch.Tensor:
     """uint8 ``[B, 28, 28]`` -> float ``[B, 784 * n_bins]``: which spiking bin each pixel is in."""
-    bins = bin_pixels(images, n_bins).reshape(len(images), -1)
+    bins = bin_pixels(images, n_bins)  # [B, 784]
     return F.one_hot(bins, n_bins + 1)[..., :n_bins].reshape(len(images), -1).float()
 
 

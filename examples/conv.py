@@ -1,8 +1,8 @@
 """All-spiking convolutional theta network on Fashion-MNIST (or MNIST).
 
     image -> BinnedLatencyEncoder (8 intensity bins -> one input spike, brighter earlier)
-          -> SpikingConv2d(1 -> c1, 5x5) -> EarliestSpikePool2d(2, first spike)
-          -> SpikingConv2d(c1 -> c2, 5x5) -> EarliestSpikePool2d(2, first spike)
+          -> SpikingConv2d(1 -> c1, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
+          -> SpikingConv2d(c1 -> c2, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
           -> ThetaLinear(c2 * 4 * 4 -> 10) -> FirstSpikeTime()
 
 Every layer is spiking and trained with exact spike-time gradients (pseudospikes for silent
@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epoch-test-samples", type=int, default=2000,
                         help="test samples evaluated after each epoch (learning curves)")
     parser.add_argument("--channels", type=int, nargs=2, default=[8, 16])
-    parser.add_argument("--pool-spikes", type=int, default=1,
+    parser.add_argument("--pool-spikes", type=int, default=2,
                         help="earliest spikes each pooling window passes on (1: first spikes)")
     parser.add_argument("--bins", type=int, default=8,
                         help="input time bins (1: binary image, which loses most of "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # The suite compiles hundreds of small XLA programs that then run for milliseconds; most of its
 # time went to XLA's LLVM backend optimising their machine code. Tests (and the examples they
@@ -14,6 +17,17 @@ import os
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
+# Many programs are compiled again by another process (the examples and DDP workers the tests
+# start) or another layer instance with the same shapes: a persistent compilation cache shared by
+# the suite's processes compiles each once (keyed by the program and XLA_FLAGS, so the -O3 check
+# compiles its own). `make test` points its pytest processes at one fresh folder; a bare pytest
+# run gets a temporary one. A folder set by the caller wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="spike-bridge-tests-jax-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from functools import partial  # noqa: E402
 

@@ -1,8 +1,8 @@
 """End to end: examples/mnist.py on a tiny subset (train, evaluate, outputs, --resume, workers).
 
 Two short subprocess runs share one output folder: a 1-epoch run without DataLoader workers,
-then ``--resume --epochs 2`` with two workers. They share a JAX compilation cache (in the test's
-tmp folder), so the second run does not compile the kernels again.
+then ``--resume --epochs 2`` with two workers. They share the suite's JAX compilation cache
+(conftest.py), so the second run does not compile the kernels again.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +38,10 @@ pytestmark = [
 
 
 def run_script(args: list[str], tmp: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update({
-        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    })
+    # the inherited environment carries the suite's compilation cache (conftest.py): the resumed
+    # run reuses the first run's compiled programs
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=tmp, env=env, capture_output=True, text=True,
+        [sys.executable, str(SCRIPT), *args], cwd=tmp, capture_output=True, text=True,
         timeout=timeout,
     )
     assert result.returncode == 0, (

@@ -48,17 +48,17 @@ TEST_PARALLEL ?= 1
 # The slowest tests of each group are listed at the end of its log (where the 10 minutes go).
 PYTEST_FLAGS ?= --durations=12
 TEST_LOGS := outputs/test-logs
-# JAX's persistent compilation cache shared by the three pytest processes (tests/conftest.py)
+# JAX's persistent compilation cache shared by the pytest processes, in either mode
 TEST_JAX_CACHE := outputs/test-jax-cache
 test: $(STAMP) data
 	@missing=$$(ls tests/test_*.py | grep -v -x -F "$$(printf '%s\n' $(TEST_GROUPS) | tr ' ' '\n')"); \
 	if [ -n "$$missing" ]; then echo "test files in no TEST_GROUPS entry: $$missing"; exit 1; fi
-	@if [ "$(TEST_PARALLEL)" = 0 ]; then \
+	@rm -rf $(TEST_JAX_CACHE); export JAX_COMPILATION_CACHE_DIR=$(abspath $(TEST_JAX_CACHE)); \
+	if [ "$(TEST_PARALLEL)" = 0 ]; then \
 		status=0; for group in $(TEST_GROUPS); do $(PY) -m pytest -q $(PYTEST_FLAGS) $$group || status=1; done; \
 		exit $$status; \
 	fi; \
-	rm -rf $(TEST_LOGS) $(TEST_JAX_CACHE); mkdir -p $(TEST_LOGS); i=0; \
-	export JAX_COMPILATION_CACHE_DIR=$(abspath $(TEST_JAX_CACHE)); \
+	rm -rf $(TEST_LOGS); mkdir -p $(TEST_LOGS); i=0; \
 	for group in $(TEST_GROUPS); do \
 		i=$$((i + 1)); \
 		{ $(PY) -m pytest -q $(PYTEST_FLAGS) $$group > $(TEST_LOGS)/group$$i.log 2>&1; \

@@ -131,7 +131,7 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
                  "feature_maps_conv2.png", "raster.png", "model.pt"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["bins"] == 8
+    assert metrics["config"]["bins"] == 8 and metrics["config"]["pool_spikes"] == 2
     assert len(metrics["history"]) == 2
     assert _finite([h["train_loss"] for h in metrics["history"]]
                    + [h["test_loss"] for h in metrics["history"]])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -108,14 +108,13 @@ def _pseudo_outputs(model: Theta, spike_times, spike_count, final_phase, drive, 
     return filled, model.pseudo_rate(final_phase[None], drive)  # [D = 1, B, N] states
 
 
-def _patches(source: Array, weights: Array, in_shape, out_shape, stride: int, padding: int):
-    """For each event's source input, the flat indices ``[E, P]`` of the ``P = C_out k^2``
-    neurons it can reach (``N`` = out of range where the kernel position falls off the grid or
-    between strides) and their weights ``[E, P]``."""
+def _reached_neurons(source: Array, in_shape, out_shape, k: int, stride: int, padding: int):
+    """For each event's source input ``[M]``, the flat indices ``[M, P]`` of the
+    ``P = C_out k^2`` neurons it can reach, in the order of ``weights[:, c].reshape(-1)``, and
+    whether each is on the grid (a kernel position can fall off the grid or between strides)."""
     _, height, width = in_shape
     c_out, out_h, out_w = out_shape
-    k = weights.shape[-1]
-    channel, row, col = source // (height * width), (source // width) % height, source % width
+    row, col = (source // width) % height, source % width
     offsets = jnp.arange(k)
 
     def positions(coordinate, size):
@@ -131,20 +130,8 @@ def _patches(source: Array, weights: Array, in_shape, out_shape, stride: int, pa
     neuron = (jnp.arange(c_out)[None, :, None, None] * (out_h * out_w)
               + out_row[:, None, :, None] * out_w + out_col[:, None, None, :])
     valid = valid_row[:, None, :, None] & valid_col[:, None, None, :]
-    n_neurons = c_out * out_h * out_w
-    # Unreached taps point past the last neuron, each to its own index: the indices of one event
-    # stay unique, so scatters need no duplicate handling (whose derivative costs O(N) per step).
-    off_grid = n_neurons + jnp.arange(c_out * k * k).reshape(1, c_out, k, k)
-    neuron = jnp.where(valid, neuron, off_grid)
-    # weights[o, c, j_row, j_col] for this event's input channel c: [E, C_out, k, k].
-    tap = jnp.moveaxis(weights[:, channel], 1, 0)
-    tap = jnp.where(valid, tap, 0.0)
-    n_events = source.shape[0]
-    return neuron.reshape(n_events, -1), tap.reshape(n_events, -1)
-
-
-def _gather(index: Array, values: Array, fill_value) -> Array:
-    return values.at[index].get(mode="fill", fill_value=fill_value, unique_indices=True)
+    shape = (source.shape[0], c_out * k * k)
+    return neuron.reshape(shape), jnp.broadcast_to(valid, neuron.shape).reshape(shape)
 
 
 def _rotate(cos: Array, sin: Array, cos_angle: Array, sin_angle: Array):
@@ -155,7 +142,171 @@ def _passed_pi(cos: Array, sin: Array) -> Array:
     return (sin < 0) | ((sin == 0) & (cos < 0))
 
 
-def theta_conv_sample(
+def _half_angle_tangent(cos: Array, sin: Array) -> Array:
+    """``tan(a / 2)`` of a point at angle ``a`` in ``[0, pi)`` (``sin >= 0``): one division,
+    where ``atan2`` per touched neuron and event dominated the event step. Each branch divides
+    by a quantity bounded away from 0 on it (safe operands keep the unused branch finite)."""
+    upper = cos >= 0
+    return jnp.where(upper, sin / (1 + jnp.where(upper, cos, 0.0)),
+                     (1 - cos) / jnp.where(upper, 1.0, sin))
+
+
+def _gather_lanes(values: Array, target: Array, fill_value) -> Array:
+    """``values[b, target[b, p]]`` (``[B, N]`` -> ``[B, P]``), ``fill_value`` off the grid."""
+    sample = jnp.arange(values.shape[0])[:, None]
+    return values.at[sample, target].get(mode="fill", fill_value=fill_value,
+                                         unique_indices=True)
+
+
+def _set_lanes(values: Array, target: Array, lanes: Array) -> Array:
+    """``values[b, target[b, p]] = lanes[b, p]`` in place; off-grid targets are dropped."""
+    sample = jnp.arange(values.shape[0])[:, None]
+    return values.at[sample, target].set(lanes, mode="drop", unique_indices=True)
+
+
+class _Geometry(NamedTuple):
+    """Static description of a conv layer's event loop (hashable)."""
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    stride: int
+    padding: int
+    root: float  # sqrt(I0 - 1/4): kicks in the rotating form are w / root
+
+
+def _event_lanes(geometry: _Geometry, taps: Array, source: Array, in_trial: Array):
+    """The ``P`` lanes of one event per sample (``source``, ``in_trial`` ``[B]``; ``taps``
+    ``[C_in, P]``, the weights by input channel): the target neurons ``[B, P]`` (off the grid or
+    out of the trial: ``N + p``, distinct, so scatters need no duplicate handling, whose
+    derivative would cost O(N) per event), the kicks ``[B, P]`` and where they act."""
+    n_neurons = math.prod(geometry.out_shape)
+    k = math.isqrt(taps.shape[1] // geometry.out_shape[0])
+    neuron, valid = _reached_neurons(source, geometry.in_shape, geometry.out_shape, k,
+                                     geometry.stride, geometry.padding)
+    acting = valid & in_trial[:, None]
+    target = jnp.where(acting, neuron, n_neurons + jnp.arange(neuron.shape[1]))
+    tap = taps[source // (geometry.in_shape[1] * geometry.in_shape[2])]
+    return target, jnp.where(acting, tap / geometry.root, 0.0), acting
+
+
+def _taps(weights: Array) -> Array:
+    """``[C_out, C_in, k, k]`` -> ``[C_in, C_out k^2]``: an event's kicks are one row."""
+    return jnp.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1)
+
+
+def _event_scan_forward(geometry, frame, taps, source, in_trial, cos_t, sin_t, keep_lanes):
+    """The event loop: ``frame`` ``(cos, sin)`` ``[B, N]`` at ``t = 0`` (co-rotating),
+    ``taps`` ``[C_in, P]`` (see :func:`_taps`), ``source``/``in_trial``/``cos_t``/``sin_t``
+    ``[E, B]``. Each event rotates its touched
+    points to the event time, checks for a spike (the angle passed ``pi``), kicks them and
+    rotates them back. Returns the final frame and per event ``(tangent, key)`` ``[E, B, P]``:
+    the tangent of half the angle travelled since a spike and the spiking neuron (``N``: none);
+    with ``keep_lanes`` also the touched points before the event (the reverse pass's
+    residuals)."""
+    n_neurons = math.prod(geometry.out_shape)
+
+    def step(carry, event):
+        cos_frame, sin_frame = carry
+        source_e, in_trial_e, c, s = event
+        target, kick, _ = _event_lanes(geometry, taps, source_e, in_trial_e)
+        cos0, sin0 = _gather_lanes(cos_frame, target, 1.0), _gather_lanes(sin_frame, target, 0.0)
+        cos, sin = _rotate(cos0, sin0, c[:, None], s[:, None])
+        spiked = _passed_pi(cos, sin) & (target < n_neurons)
+        # After a spike the point is -z; its angle is the time since the spike.
+        cos, sin = jnp.where(spiked, -cos, cos), jnp.where(spiked, -sin, sin)
+        tangent = _half_angle_tangent(cos, sin)
+        shifted = cos - kick * sin
+        inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
+        cos, sin = _rotate(shifted * inverse_norm, sin * inverse_norm, c[:, None], -s[:, None])
+        carry = (_set_lanes(cos_frame, target, cos), _set_lanes(sin_frame, target, sin))
+        outputs = (tangent, jnp.where(spiked, target, n_neurons))
+        return carry, outputs + ((cos0, sin0) if keep_lanes else ())
+
+    return lax.scan(step, frame, (source, in_trial, cos_t, sin_t))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _event_scan(geometry, frame, taps, source, in_trial, cos_t, sin_t):
+    """Final frame and per-event ``(tangent, key)`` of the event loop, differentiable in the
+    frame, the taps and the event rotations (``source``, ``in_trial``: integer, boolean)."""
+    frame, (tangent, key) = _event_scan_forward(geometry, frame, taps, source, in_trial,
+                                                cos_t, sin_t, keep_lanes=False)
+    return frame, tangent, key
+
+
+def _event_scan_fwd(geometry, frame, taps, source, in_trial, cos_t, sin_t):
+    frame, (tangent, key, cos0, sin0) = _event_scan_forward(
+        geometry, frame, taps, source, in_trial, cos_t, sin_t, keep_lanes=True)
+    return (frame, tangent, key), (taps, source, in_trial, cos_t, sin_t, cos0, sin0)
+
+
+def _event_scan_bwd(geometry, residuals, cotangents):
+    """Reverse pass: the events backwards, each touching only its ``P`` lanes of the frame's
+    cotangent (JAX's transpose of the gathers adds a whole-layer cotangent per event) and
+    adding its kicks' cotangents to the taps' in place."""
+    taps, source, in_trial, cos_t, sin_t, cos0_all, sin0_all = residuals
+    frame_cotangent, tangent_cotangent, _ = cotangents
+    n_neurons = math.prod(geometry.out_shape)
+    _, height, width = geometry.in_shape
+
+    def step(carry, event):
+        g_cos_frame, g_sin_frame, g_taps = carry
+        source_e, in_trial_e, c, s, cos0, sin0, g_tangent = event
+        c, s = c[:, None], s[:, None]
+        target, kick, acting = _event_lanes(geometry, taps, source_e, in_trial_e)
+        # Recompute the event on its lanes.
+        cos1, sin1 = _rotate(cos0, sin0, c, s)
+        spiked = _passed_pi(cos1, sin1) & (target < n_neurons)
+        sign = jnp.where(spiked, -1.0, 1.0).astype(cos0.dtype)
+        cos2, sin2 = sign * cos1, sign * sin1
+        shifted = cos2 - kick * sin2
+        inverse_norm = lax.rsqrt(shifted * shifted + sin2 * sin2)
+        cos3, sin3 = shifted * inverse_norm, sin2 * inverse_norm
+        # Cotangents of the lanes after the event (0 off the grid: never read again).
+        g_cos4 = _gather_lanes(g_cos_frame, target, 0.0)
+        g_sin4 = _gather_lanes(g_sin_frame, target, 0.0)
+        # Rotation back by the event angle: (cos4, sin4) = R(-a) (cos3, sin3).
+        g_cos3 = g_cos4 * c - g_sin4 * s
+        g_sin3 = g_cos4 * s + g_sin4 * c
+        g_c = g_cos4 * cos3 + g_sin4 * sin3
+        g_s = g_cos4 * sin3 - g_sin4 * cos3
+        # Normalisation: (cos3, sin3) = (shifted, sin2) / r.
+        radial = g_cos3 * cos3 + g_sin3 * sin3
+        g_shifted = inverse_norm * (g_cos3 - radial * cos3)
+        g_sin2 = inverse_norm * (g_sin3 - radial * sin3)
+        # Kick: shifted = cos2 - u sin2.
+        g_cos2 = g_shifted
+        g_sin2 = g_sin2 - kick * g_shifted
+        g_kick = jnp.where(acting, -sin2 * g_shifted / geometry.root, 0.0)
+        # Spike-time tangent (see _half_angle_tangent), safe operands on both branches.
+        upper = cos2 >= 0
+        one_plus = 1 + jnp.where(upper, cos2, 0.0)
+        safe_sin = jnp.where(upper, 1.0, sin2)
+        g_cos2 = g_cos2 + g_tangent * jnp.where(upper, -sin2 / (one_plus * one_plus),
+                                                -1 / safe_sin)
+        g_sin2 = g_sin2 + g_tangent * jnp.where(upper, 1 / one_plus,
+                                                -(1 - cos2) / (safe_sin * safe_sin))
+        g_cos1, g_sin1 = sign * g_cos2, sign * g_sin2
+        # Rotation to the event angle: (cos1, sin1) = R(a) (cos0, sin0).
+        g_cos0 = g_cos1 * c + g_sin1 * s
+        g_sin0 = -g_cos1 * s + g_sin1 * c
+        g_c = g_c + g_cos1 * cos0 + g_sin1 * sin0
+        g_s = g_s - g_cos1 * sin0 + g_sin1 * cos0
+        # The kicks are the taps of each sample's event's input channel.
+        g_taps = g_taps.at[source_e // (height * width)].add(g_kick)
+        carry = (_set_lanes(g_cos_frame, target, g_cos0), _set_lanes(g_sin_frame, target, g_sin0),
+                 g_taps)
+        return carry, (jnp.sum(g_c, axis=1), jnp.sum(g_s, axis=1))
+
+    (g_cos, g_sin, g_taps), (g_cos_t, g_sin_t) = lax.scan(
+        step, (*frame_cotangent, jnp.zeros_like(taps)),
+        (source, in_trial, cos_t, sin_t, cos0_all, sin0_all, tangent_cotangent), reverse=True)
+    return (g_cos, g_sin), g_taps, None, None, g_cos_t, g_sin_t
+
+
+_event_scan.defvjp(_event_scan_fwd, _event_scan_bwd)
+
+
+def theta_conv_simulate(
     model: Theta,
     weights: Array,
     initial_phase: Array,
@@ -168,20 +319,21 @@ def theta_conv_sample(
     max_events: int,
     max_spikes: int,
 ):
-    """Simulate one sample of a theta convolutional layer (arguments as validated by
-    :func:`theta_conv_layer`, which vmaps this over a batch).
+    """Simulate a batch through a theta convolutional layer (arguments as validated by
+    :func:`theta_conv_layer`).
 
     Args:
         model: the theta neuron (``T < model.period``).
         weights: ``[C_out, C_in, k, k]``.
         initial_phase: ``[N]`` phases at ``t = 0`` of the ``N = C_out H' W'`` neurons
             (channel-major, as ``[C_out, H', W']`` flattened).
-        input_times: ``[C_in H W, K_in]`` input spike times (``>= 0``, ``+inf`` padded).
+        input_times: ``[B, C_in H W, K_in]`` input spike times (``>= 0``, ``+inf`` padded).
 
     Returns:
-        ``(spike_times [N, K], spike_count [N], final_phase [N], n_dropped)``.
+        ``(spike_times [B, N, K], spike_count [B, N], final_phase [B, N], n_dropped [B])``.
     """
     dtype = initial_phase.dtype
+    batch = input_times.shape[0]
     kernel_size = weights.shape[-1]
     out_shape = (weights.shape[0], *(conv_output_size(n, kernel_size, stride, padding)
                                      for n in in_shape[1:]))
@@ -189,37 +341,22 @@ def theta_conv_sample(
     root = math.sqrt(model.I0 - 0.25)
     angular_speed = root / model.tau  # pi / Theta
 
-    times, source, n_dropped = earliest_input_spikes(input_times.astype(dtype), max_events, T)
-    neuron, tap = _patches(source, weights.astype(dtype), in_shape, out_shape, stride, padding)
+    times, source, n_dropped = jax.vmap(earliest_input_spikes, (0, None, None))(
+        input_times.astype(dtype), max_events, T)
+    # Event-major [E, B, ...] throughout: the scan's inputs and stacked outputs need no
+    # transposes, and the outputs are flattened in time order.
+    times, source = times.T, source.T
     in_trial = times < T
-    neuron = jnp.where(in_trial[:, None], neuron, n_neurons + jnp.arange(neuron.shape[1]))
-    kick = jnp.where(in_trial[:, None], tap / root, 0.0)
     angle = angular_speed * jnp.where(in_trial, times, 0.0)
-
     angle0 = angular_speed * initial_phase
     # sin(pi) rounds below 0 in float32: a phase of exactly Theta must not count as past it.
     sin0 = jnp.maximum(jnp.sin(angle0), 0.0)
-
-    def step(carry, event):
-        cos_frame, sin_frame = carry  # each neuron's point in the co-rotating frame, [N]
-        target, u, cos_t, sin_t, t = event
-        gather = partial(_gather, target)
-        cos, sin = _rotate(gather(cos_frame, 1.0), gather(sin_frame, 0.0), cos_t, sin_t)
-        spiked = _passed_pi(cos, sin) & (target < n_neurons)
-        cos, sin = jnp.where(spiked, -cos, cos), jnp.where(spiked, -sin, sin)
-        # After a spike the point is -z; its angle is the time since the spike.
-        spike_time = jnp.maximum(t - jnp.arctan2(sin, cos) / angular_speed, 0.0)
-        shifted = cos - u * sin
-        inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
-        cos, sin = _rotate(shifted * inverse_norm, sin * inverse_norm, cos_t, -sin_t)
-        cos_frame = cos_frame.at[target].set(cos, mode="drop", unique_indices=True)
-        sin_frame = sin_frame.at[target].set(sin, mode="drop", unique_indices=True)
-        return (cos_frame, sin_frame), (spike_time, spiked)
-
-    # (A spike counter in the carry, read and written in every step, made XLA copy it per step.)
-    (cos_frame, sin_frame), (spike_time, spiked) = lax.scan(
-        step, (jnp.cos(angle0), sin0), (neuron, kick, jnp.cos(angle), jnp.sin(angle), times)
-    )
+    frame0 = tuple(jnp.broadcast_to(a, (batch, n_neurons)) for a in (jnp.cos(angle0), sin0))
+    geometry = _Geometry(tuple(in_shape), out_shape, stride, padding, root)
+    (cos_frame, sin_frame), spike_tangent, step_neuron = _event_scan(
+        geometry, frame0, _taps(weights.astype(dtype)), source, in_trial, jnp.cos(angle),
+        jnp.sin(angle))
+    n_reached = step_neuron.shape[-1]
     # Trial end: every neuron once more, for spikes after its last kick.
     end_angle = angular_speed * T
     cos, sin = _rotate(cos_frame, sin_frame, math.cos(end_angle), math.sin(end_angle))
@@ -228,31 +365,39 @@ def theta_conv_sample(
     end_spike_time = jnp.maximum(T - jnp.arctan2(sin, cos) / angular_speed, 0.0)
     final_phase = jnp.arctan2(sin, cos) / angular_speed
 
+    # Spikes found in the event steps ([E, B, P], event-major, so in time order) and at the
+    # trial end ([B, N]), each compacted on its own: the step candidates are E B P, of which
+    # few spiked. Keys number the neurons of the whole batch, b N + n.
+    n_keys = batch * n_neurons
+    spiked = step_neuron < n_neurons
+    step_key = jnp.where(spiked, step_neuron + n_neurons * jnp.arange(batch)[:, None], n_keys)
+    spike_count = (jnp.zeros((n_keys,), jnp.int32).at[step_key.reshape(-1)].add(1, mode="drop")
+                   + spiked_end.reshape(-1))
+    # Only the first B N K step spikes (in time order) are kept: they hold every neuron's spikes
+    # unless a neuron spiked more than K times, which spike_count reports as an overflow (the
+    # output is then invalid anyway).
+    kept = jnp.nonzero(spiked.reshape(-1), size=min(n_keys * max_spikes, spiked.size),
+                       fill_value=spiked.size)[0]
+    step_key = step_key.reshape(-1).at[kept].get(mode="fill", fill_value=n_keys)
+    tangent = spike_tangent.reshape(-1).at[kept].get(mode="fill", fill_value=0.0)
+    step_time = times.reshape(-1).at[kept // n_reached].get(mode="fill", fill_value=jnp.inf)
+    step_spike_time = jnp.maximum(step_time - 2 * jnp.arctan(tangent) / angular_speed, 0.0)
+    end_key = jnp.where(spiked_end.reshape(-1), jnp.arange(n_keys), n_keys)
+    key = jnp.concatenate([step_key, end_key])
+    found_time = jnp.concatenate([step_spike_time, end_spike_time.reshape(-1)])
     # Each neuron's spikes are found in time order, so its k-th found spike is its k-th spike:
     # a stable sort by neuron keeps that order, and the slot is the position within the neuron.
-    found = jnp.concatenate([spiked.reshape(-1), spiked_end])
-    found_target = jnp.where(
-        found, jnp.concatenate([neuron.reshape(-1), jnp.arange(n_neurons)]), n_neurons
-    )
-    spike_count = jnp.zeros((n_neurons,), jnp.int32).at[found_target].add(1, mode="drop")
-    found_time = jnp.concatenate([spike_time.reshape(-1), end_spike_time])
-    # Only the first N K found spikes (in time order) are sorted, not all E C_out k^2 + N
-    # candidates: they hold every neuron's spikes unless a neuron spiked more than K times,
-    # which spike_count reports as an overflow (the output is then invalid anyway).
-    kept = jnp.nonzero(found, size=min(n_neurons * max_spikes, found.shape[0]),
-                       fill_value=found.shape[0])[0]
-    found_target = found_target.at[kept].get(mode="fill", fill_value=n_neurons)
-    found_time = found_time.at[kept].get(mode="fill", fill_value=jnp.inf)
-    order = jnp.argsort(found_target, stable=True)
-    target, found_time = found_target[order], found_time[order]
-    position = jnp.arange(target.shape[0])
-    first = jnp.concatenate([jnp.ones((1,), bool), target[1:] != target[:-1]])
+    order = jnp.argsort(key, stable=True)
+    key, found_time = key[order], found_time[order]
+    position = jnp.arange(key.shape[0])
+    first = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
     slot = position - lax.cummax(jnp.where(first, position, 0))
-    target = jnp.where((target < n_neurons) & (slot < max_spikes), target, n_neurons)
-    spike_times = jnp.full((n_neurons, max_spikes), jnp.inf, dtype).at[target, slot].set(
+    key = jnp.where((key < n_keys) & (slot < max_spikes), key, n_keys)
+    spike_times = jnp.full((n_keys, max_spikes), jnp.inf, dtype).at[key, slot].set(
         found_time, mode="drop"
     )
-    return spike_times, spike_count, final_phase, n_dropped
+    return (spike_times.reshape(batch, n_neurons, max_spikes),
+            spike_count.reshape(batch, n_neurons), final_phase, n_dropped)
 
 
 def theta_conv_layer(
@@ -294,13 +439,10 @@ def theta_conv_layer(
     n_positions = out_hw[0] * out_hw[1]
     phase = jnp.repeat(initial_phase[0], n_positions)
 
-    def one_sample(times):
-        return theta_conv_sample(
-            model, weights, phase, times, in_shape=in_shape, stride=stride, padding=padding,
-            T=T, max_events=max_events, max_spikes=max_spikes,
-        )
-
-    spike_times, spike_count, final_phase, n_dropped = jax.vmap(one_sample)(input_times)
+    spike_times, spike_count, final_phase, n_dropped = theta_conv_simulate(
+        model, weights, phase, input_times, in_shape=in_shape, stride=stride, padding=padding,
+        T=T, max_events=max_events, max_spikes=max_spikes,
+    )
     drive = (None if input_rate is None or not pseudo
              else _convolve(input_rate, weights, in_shape, stride, padding))
     filled, rate = _pseudo_outputs(model, spike_times, spike_count, final_phase, drive, T, pseudo)

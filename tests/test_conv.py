@@ -334,28 +334,54 @@ def test_wrong_input_size_is_named():
         conv(Spikes(torch.zeros(2, 15, 1), T))
 
 
-def test_forward_event_step_touches_only_the_reached_neurons():
-    """The scan body (one input event) works on ``C_out k^2`` neurons: the only operations on
-    arrays of all ``N`` neurons are the scatters that write the touched ones back (in place)."""
+def _scans(jaxpr):
+    """Every ``scan`` equation in ``jaxpr`` and the jaxprs nested in it (custom VJPs, jits)."""
+    from jax.extend import core
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, core.ClosedJaxpr):
+                    yield from _scans(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    yield from _scans(sub)
+
+
+def test_event_steps_touch_only_the_reached_neurons():
+    """The scan bodies of the forward pass and of the hand-written reverse pass (one input
+    event each) work on ``B C_out k^2`` lanes: the only operations on arrays of all ``B N``
+    neurons are the scatters that write the touched ones back (in place), and no spike time
+    (an ``atan``/``atan2`` per lane) is computed inside the loop."""
     from functools import partial
 
     import jax
     import jax.numpy as jnp
 
-    from jax_kernels.conv import theta_conv_sample
+    from jax_kernels.conv import theta_conv_simulate
     from jax_kernels.models import Theta
 
-    n_neurons, reached = 2 * 10 * 10, 2 * 3 * 3
-    simulate = partial(theta_conv_sample, Theta(), in_shape=(1, 12, 12), stride=1, padding=0,
+    batch, n_neurons, reached = 3, 2 * 10 * 10, 2 * 3 * 3
+    simulate = partial(theta_conv_simulate, Theta(), in_shape=(1, 12, 12), stride=1, padding=0,
                        T=2.0, max_events=16, max_spikes=2)
-    jaxpr = jax.make_jaxpr(simulate)(jnp.ones((2, 1, 3, 3)), jnp.full((n_neurons,), 3.0),
-                                     jnp.full((144, 1), 1.0)).jaxpr
-    (scan,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
-    body = scan.params["jaxpr"].jaxpr
-    sizes = {eqn.primitive.name: max(v.aval.size for v in eqn.outvars) for eqn in body.eqns}
-    assert sizes["gather"] == reached
-    whole_layer = {name for name, size in sizes.items() if size >= n_neurons}
-    assert whole_layer <= {"scatter", "convert_element_type"}, whole_layer
-    for eqn in body.eqns:  # dtype-preserving converts (weak types) are no-ops for XLA
-        if eqn.primitive.name == "convert_element_type" and eqn.outvars[0].aval.size >= n_neurons:
-            assert eqn.params["new_dtype"] == eqn.invars[0].aval.dtype
+
+    def loss(weights, phase, times):
+        spike_times, _, final_phase, _ = simulate(weights, phase, times)
+        return jnp.sum(jnp.where(jnp.isfinite(spike_times), spike_times, 0.0)) + jnp.sum(
+            final_phase)
+
+    args = (jnp.ones((2, 1, 3, 3)), jnp.full((n_neurons,), 3.0), jnp.full((batch, 144, 1), 1.0))
+    scans = list(_scans(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr))
+    assert [eqn.params["reverse"] for eqn in scans] == [False, True]
+    for scan in scans:
+        body = scan.params["jaxpr"].jaxpr
+        sizes = {eqn.primitive.name: max(v.aval.size for v in eqn.outvars) for eqn in body.eqns}
+        assert sizes["gather"] == batch * reached
+        whole_layer = {name for name, size in sizes.items() if size >= batch * n_neurons}
+        assert whole_layer <= {"scatter", "convert_element_type"}, whole_layer
+        for eqn in body.eqns:  # dtype-preserving converts (weak types) are no-ops for XLA
+            if (eqn.primitive.name == "convert_element_type"
+                    and eqn.outvars[0].aval.size >= batch * n_neurons):
+                assert eqn.params["new_dtype"] == eqn.invars[0].aval.dtype
+        assert not {"atan2", "atan"} & set(sizes), "spike times are read off after the scan"

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from jax_kernels import native
 from jax_kernels.layers import LayerOutput
 from jax_kernels.models.theta import Theta
 from jax_kernels.simulate import (
@@ -306,6 +307,100 @@ def _event_scan_bwd(geometry, residuals, cotangents):
 _event_scan.defvjp(_event_scan_fwd, _event_scan_bwd)
 
 
+def _jax_step_spikes(geometry, angular_speed, max_spikes, frame, taps, source, in_trial,
+                     times):
+    """The spikes found at the input events, by the pure-JAX event scan: the final frame,
+    ``spike_count`` ``[B, N]`` and ``spike_times`` ``[B, N, K]`` (``+inf`` padded). ``frame``:
+    ``(cos, sin)`` ``[B, N]``; ``taps`` ``[C_in, P]``; the rest ``[E, B]``, ``times`` 0 outside
+    the trial."""
+    batch, n_neurons = frame[0].shape
+    frame, spike_tangent, step_neuron = _event_scan(
+        geometry, frame, taps, source, in_trial, jnp.cos(angular_speed * times),
+        jnp.sin(angular_speed * times))
+    n_reached = step_neuron.shape[-1]
+    # Spikes found in the event steps ([E, B, P], event-major, so in time order), compacted: of
+    # the E B P candidates few spiked. Keys number the neurons of the whole batch, b N + n.
+    n_keys = batch * n_neurons
+    spiked = step_neuron < n_neurons
+    step_key = jnp.where(spiked, step_neuron + n_neurons * jnp.arange(batch)[:, None], n_keys)
+    spike_count = jnp.zeros((n_keys,), jnp.int32).at[step_key.reshape(-1)].add(1, mode="drop")
+    # Only the first B N K spikes (in time order) are kept: they hold every neuron's spikes
+    # unless a neuron spiked more than K times, which spike_count reports as an overflow (the
+    # output is then invalid anyway).
+    kept = jnp.nonzero(spiked.reshape(-1), size=min(n_keys * max_spikes, spiked.size),
+                       fill_value=spiked.size)[0]
+    key = step_key.reshape(-1).at[kept].get(mode="fill", fill_value=n_keys)
+    tangent = spike_tangent.reshape(-1).at[kept].get(mode="fill", fill_value=0.0)
+    step_time = times.reshape(-1).at[kept // n_reached].get(mode="fill", fill_value=jnp.inf)
+    found_time = jnp.maximum(step_time - 2 * jnp.arctan(tangent) / angular_speed, 0.0)
+    # Each neuron's spikes are found in time order, so its k-th found spike is its k-th spike:
+    # a stable sort by neuron keeps that order, and the slot is the position within the neuron.
+    order = jnp.argsort(key, stable=True)
+    key, found_time = key[order], found_time[order]
+    position = jnp.arange(key.shape[0])
+    first = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
+    slot = position - lax.cummax(jnp.where(first, position, 0))
+    key = jnp.where((key < n_keys) & (slot < max_spikes), key, n_keys)
+    spike_times = jnp.full((n_keys, max_spikes), jnp.inf, times.dtype).at[key, slot].set(
+        found_time, mode="drop")
+    return (frame, spike_count.reshape(batch, n_neurons),
+            spike_times.reshape(batch, n_neurons, max_spikes))
+
+
+def _native_attributes(geometry: _Geometry, taps: Array, angular_speed: float) -> dict:
+    (_, in_h, in_w), (out_c, out_h, out_w) = geometry.in_shape, geometry.out_shape
+    return dict(in_h=in_h, in_w=in_w, out_c=out_c, out_h=out_h, out_w=out_w,
+                kernel_size=math.isqrt(taps.shape[1] // out_c), stride=geometry.stride,
+                padding=geometry.padding, inverse_root=float(1 / geometry.root),
+                angular_speed=float(angular_speed))
+
+
+def _native_step_spikes_fwd(geometry, angular_speed, max_spikes, frame, taps, source, in_trial,
+                            times):
+    dtype = taps.dtype
+    state = jnp.stack(frame)
+    batch, n_neurons = frame[0].shape
+    source = source.astype(jnp.int32)
+    angle = angular_speed * times
+    inputs = (state, taps, source, in_trial, jnp.cos(angle), jnp.sin(angle), times)
+    final, spike_count, spike_times = jax.ffi.ffi_call(
+        native.target("conv_forward", dtype),
+        (jax.ShapeDtypeStruct(state.shape, dtype),
+         jax.ShapeDtypeStruct((batch, n_neurons), jnp.int32),
+         jax.ShapeDtypeStruct((batch, n_neurons, max_spikes), dtype)),
+        vmap_method="sequential",
+    )(*inputs, **_native_attributes(geometry, taps, angular_speed))
+    return ((final[0], final[1]), spike_count, spike_times), inputs
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _native_step_spikes(geometry, angular_speed, max_spikes, frame, taps, source, in_trial,
+                        times):
+    """:func:`_jax_step_spikes` (same arguments and results) computed by the C++ kernel of
+    :mod:`jax_kernels.native` on CPU: sample by sample, spikes recorded as they are found. Its
+    reverse pass recomputes each sample's events and runs them backwards, with the arithmetic of
+    :func:`_event_scan_bwd`."""
+    return _native_step_spikes_fwd(geometry, angular_speed, max_spikes, frame, taps, source,
+                                   in_trial, times)[0]
+
+
+def _native_step_spikes_bwd(geometry, angular_speed, max_spikes, inputs, cotangents):
+    (grad_cos, grad_sin), _, grad_spike_times = cotangents
+    state, taps = inputs[:2]
+    dtype = taps.dtype
+    grad_state, grad_taps, grad_times = jax.ffi.ffi_call(
+        native.target("conv_backward", dtype),
+        (jax.ShapeDtypeStruct(state.shape, dtype), jax.ShapeDtypeStruct(taps.shape, dtype),
+         jax.ShapeDtypeStruct(inputs[-1].shape, dtype)),
+        vmap_method="sequential",
+    )(*inputs, jnp.stack([grad_cos, grad_sin]).astype(dtype), grad_spike_times.astype(dtype),
+      **_native_attributes(geometry, taps, angular_speed))
+    return (grad_state[0], grad_state[1]), grad_taps, None, None, grad_times
+
+
+_native_step_spikes.defvjp(_native_step_spikes_fwd, _native_step_spikes_bwd)
+
+
 def theta_conv_simulate(
     model: Theta,
     weights: Array,
@@ -343,61 +438,31 @@ def theta_conv_simulate(
 
     times, source, n_dropped = jax.vmap(earliest_input_spikes, (0, None, None))(
         input_times.astype(dtype), max_events, T)
-    # Event-major [E, B, ...] throughout: the scan's inputs and stacked outputs need no
-    # transposes, and the outputs are flattened in time order.
+    # Event-major [E, B]: the scan's inputs and outputs need no transposes.
     times, source = times.T, source.T
     in_trial = times < T
-    angle = angular_speed * jnp.where(in_trial, times, 0.0)
     angle0 = angular_speed * initial_phase
     # sin(pi) rounds below 0 in float32: a phase of exactly Theta must not count as past it.
-    sin0 = jnp.maximum(jnp.sin(angle0), 0.0)
-    frame0 = tuple(jnp.broadcast_to(a, (batch, n_neurons)) for a in (jnp.cos(angle0), sin0))
+    # (A phase past Theta counts as Theta; the point stays on the unit circle.)
+    past = jnp.sin(angle0) < 0
+    cos0 = jnp.where(past, -1.0, jnp.cos(angle0))
+    sin0 = jnp.where(past, 0.0, jnp.sin(angle0))
+    frame0 = tuple(jnp.broadcast_to(a, (batch, n_neurons)) for a in (cos0, sin0))
     geometry = _Geometry(tuple(in_shape), out_shape, stride, padding, root)
-    (cos_frame, sin_frame), spike_tangent, step_neuron = _event_scan(
-        geometry, frame0, _taps(weights.astype(dtype)), source, in_trial, jnp.cos(angle),
-        jnp.sin(angle))
-    n_reached = step_neuron.shape[-1]
-    # Trial end: every neuron once more, for spikes after its last kick.
+    step_spikes = _native_step_spikes if native.available() else _jax_step_spikes
+    (cos_frame, sin_frame), step_count, step_times = step_spikes(
+        geometry, angular_speed, max_spikes, frame0, _taps(weights.astype(dtype)), source,
+        in_trial, jnp.where(in_trial, times, 0.0))
+    # Trial end: every neuron once more, for a spike after its last kick (its next slot).
     end_angle = angular_speed * T
     cos, sin = _rotate(cos_frame, sin_frame, math.cos(end_angle), math.sin(end_angle))
     spiked_end = _passed_pi(cos, sin)
     cos, sin = jnp.where(spiked_end, -cos, cos), jnp.where(spiked_end, -sin, sin)
     end_spike_time = jnp.maximum(T - jnp.arctan2(sin, cos) / angular_speed, 0.0)
     final_phase = jnp.arctan2(sin, cos) / angular_speed
-
-    # Spikes found in the event steps ([E, B, P], event-major, so in time order) and at the
-    # trial end ([B, N]), each compacted on its own: the step candidates are E B P, of which
-    # few spiked. Keys number the neurons of the whole batch, b N + n.
-    n_keys = batch * n_neurons
-    spiked = step_neuron < n_neurons
-    step_key = jnp.where(spiked, step_neuron + n_neurons * jnp.arange(batch)[:, None], n_keys)
-    spike_count = (jnp.zeros((n_keys,), jnp.int32).at[step_key.reshape(-1)].add(1, mode="drop")
-                   + spiked_end.reshape(-1))
-    # Only the first B N K step spikes (in time order) are kept: they hold every neuron's spikes
-    # unless a neuron spiked more than K times, which spike_count reports as an overflow (the
-    # output is then invalid anyway).
-    kept = jnp.nonzero(spiked.reshape(-1), size=min(n_keys * max_spikes, spiked.size),
-                       fill_value=spiked.size)[0]
-    step_key = step_key.reshape(-1).at[kept].get(mode="fill", fill_value=n_keys)
-    tangent = spike_tangent.reshape(-1).at[kept].get(mode="fill", fill_value=0.0)
-    step_time = times.reshape(-1).at[kept // n_reached].get(mode="fill", fill_value=jnp.inf)
-    step_spike_time = jnp.maximum(step_time - 2 * jnp.arctan(tangent) / angular_speed, 0.0)
-    end_key = jnp.where(spiked_end.reshape(-1), jnp.arange(n_keys), n_keys)
-    key = jnp.concatenate([step_key, end_key])
-    found_time = jnp.concatenate([step_spike_time, end_spike_time.reshape(-1)])
-    # Each neuron's spikes are found in time order, so its k-th found spike is its k-th spike:
-    # a stable sort by neuron keeps that order, and the slot is the position within the neuron.
-    order = jnp.argsort(key, stable=True)
-    key, found_time = key[order], found_time[order]
-    position = jnp.arange(key.shape[0])
-    first = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
-    slot = position - lax.cummax(jnp.where(first, position, 0))
-    key = jnp.where((key < n_keys) & (slot < max_spikes), key, n_keys)
-    spike_times = jnp.full((n_keys, max_spikes), jnp.inf, dtype).at[key, slot].set(
-        found_time, mode="drop"
-    )
-    return (spike_times.reshape(batch, n_neurons, max_spikes),
-            spike_count.reshape(batch, n_neurons), final_phase, n_dropped)
+    end_slot = spiked_end[..., None] & (jnp.arange(max_spikes) == step_count[..., None])
+    spike_times = jnp.where(end_slot, end_spike_time[..., None], step_times)
+    return spike_times, step_count + spiked_end, final_phase, n_dropped
 
 
 def theta_conv_layer(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -287,7 +288,6 @@ def test_spike_buffer_overflow_names_layer_and_size():
 
 
 def test_event_buffer_overflow_is_counted_by_the_kernel():
-    from functools import partial
 
     import jax
     import jax.numpy as jnp
@@ -334,6 +334,64 @@ def test_wrong_input_size_is_named():
         conv(Spikes(torch.zeros(2, 15, 1), T))
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_native_conv_kernel_equals_pure_jax_scan(dtype, monkeypatch):
+    """The C++ kernel (the CPU path) against the pure-JAX event scan (GPU, or no compiler):
+    spike counts, times, final phases and all gradients, with stride 2 and padding (lanes off
+    the grid and between strides), input spikes after the trial and spike-buffer overflow."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_kernels import native
+    from jax_kernels.conv import theta_conv_simulate
+    from jax_kernels.models import Theta
+
+    assert native.available(), "the CI machine has a C++ compiler: the native kernel must build"
+    in_shape, c_out, k, max_spikes = (2, 6, 5), 3, 3, 2
+    rng = np.random.default_rng(3)
+    n_neurons = c_out * 3 * 3
+    with jax.enable_x64(True):
+        weights = jnp.asarray(rng.normal(1.0, 1.5, (c_out, 2, k, k)), dtype)
+        phase = jnp.asarray(rng.uniform(0, Theta().period, n_neurons), dtype)
+        times = rng.uniform(0, 1.3 * T, (4, 60, 3))
+        times = jnp.asarray(np.sort(np.where(rng.uniform(size=times.shape) < 0.3, np.inf,
+                                             times), axis=-1), dtype)
+        simulate = partial(theta_conv_simulate, Theta(), in_shape=in_shape, stride=2,
+                           padding=1, T=T, max_events=96, max_spikes=max_spikes)
+        weight_times = jnp.asarray(rng.uniform(0.5, 1.5, (4, n_neurons, max_spikes)), dtype)
+
+        def loss(weights, phase, times):
+            spike_times, _, final_phase, _ = simulate(weights, phase, times)
+            finite = jnp.isfinite(spike_times)
+            return (jnp.sum(weight_times * jnp.where(finite, spike_times, 0.0))
+                    + jnp.sum(jnp.cos(final_phase)))
+
+        def run():  # traced afresh: the path is chosen when tracing
+            return (jax.jit(simulate)(weights, phase, times),
+                    jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(weights, phase, times))
+
+        (spike_times, count, final_phase, _), grads = run()
+        monkeypatch.setattr(native, "available", lambda: False)
+        (j_spike_times, j_count, j_final_phase, _), j_grads = run()
+    count = np.asarray(count)
+    assert count.max() > max_spikes and np.mean(count >= 1) > 0.5  # not vacuous
+    np.testing.assert_array_equal(count, np.asarray(j_count))
+    finite = np.isfinite(np.asarray(spike_times))
+    np.testing.assert_array_equal(finite, np.isfinite(np.asarray(j_spike_times)))
+    tolerance = 1e-10 if dtype == "float64" else 2e-4
+    for name, ours, reference in [("spike times", np.asarray(spike_times)[finite],
+                                   np.asarray(j_spike_times)[finite]),
+                                  ("final phase", final_phase, j_final_phase),
+                                  *zip(("grad weights", "grad phase", "grad times"), grads,
+                                       j_grads)]:
+        ours, reference = np.asarray(ours), np.asarray(reference)
+        assert ours.dtype == np.dtype(dtype), name
+        assert np.any(reference != 0), name
+        scale = np.max(np.abs(reference))
+        assert np.max(np.abs(ours - reference)) <= tolerance * scale, name
+
+
 def _scans(jaxpr):
     """Every ``scan`` equation in ``jaxpr`` and the jaxprs nested in it (custom VJPs, jits)."""
     from jax.extend import core
@@ -349,19 +407,20 @@ def _scans(jaxpr):
                     yield from _scans(sub)
 
 
-def test_event_steps_touch_only_the_reached_neurons():
-    """The scan bodies of the forward pass and of the hand-written reverse pass (one input
-    event each) work on ``B C_out k^2`` lanes: the only operations on arrays of all ``B N``
+def test_event_steps_touch_only_the_reached_neurons(monkeypatch):
+    """The pure-JAX path (GPU, or no compiler): the scan bodies of the forward pass and of the
+    hand-written reverse pass (one input event each) work on ``B C_out k^2`` lanes: the only operations on arrays of all ``B N``
     neurons are the scatters that write the touched ones back (in place), and no spike time
     (an ``atan``/``atan2`` per lane) is computed inside the loop."""
-    from functools import partial
 
     import jax
     import jax.numpy as jnp
 
+    from jax_kernels import native
     from jax_kernels.conv import theta_conv_simulate
     from jax_kernels.models import Theta
 
+    monkeypatch.setattr(native, "available", lambda: False)
     batch, n_neurons, reached = 3, 2 * 10 * 10, 2 * 3 * 3
     simulate = partial(theta_conv_simulate, Theta(), in_shape=(1, 12, 12), stride=1, padding=0,
                        T=2.0, max_events=16, max_spikes=2)

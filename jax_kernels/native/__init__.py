@@ -46,6 +46,10 @@ _TARGETS = {
     ("forward", "float64"): "ThetaScanForwardF64",
     ("backward", "float32"): "ThetaScanBackwardF32",
     ("backward", "float64"): "ThetaScanBackwardF64",
+    ("conv_forward", "float32"): "ThetaConvForwardF32",
+    ("conv_forward", "float64"): "ThetaConvForwardF64",
+    ("conv_backward", "float32"): "ThetaConvBackwardF32",
+    ("conv_backward", "float64"): "ThetaConvBackwardF64",
 }
 
 
@@ -130,7 +134,8 @@ def available() -> bool:
 
 
 def target(direction: str, dtype) -> str:
-    """The FFI target name of a kernel (``direction``: ``"forward"`` or ``"backward"``),
+    """The FFI target name of a kernel (``direction``: ``"forward"`` or ``"backward"`` of the
+    theta layer's scan, ``"conv_forward"`` or ``"conv_backward"`` of the theta convolution),
     registered with XLA."""
     if not _registered():
         raise RuntimeError("jax_kernels.native: the kernels are not available (see the warning "

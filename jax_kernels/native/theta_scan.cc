@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -374,6 +375,287 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<D> state, ffi::Buffer<D> c
       .Ret<ffi::Buffer<D>>()                             \
       .Ret<ffi::Buffer<D>>() SCAN_ATTRIBUTES
 
+
+// ---- The theta convolutional layer (jax_kernels.conv) ------------------------------------------
+//
+// The same arithmetic as jax_kernels.conv's pure-JAX event scan, sample by sample: an input
+// event at (channel, row, col) touches the C_out k^2 neurons whose receptive field holds it.
+// Each neuron is kept in the co-rotating frame (constant between its own kicks). A spike found
+// at an event is recorded at once (event index and time), so no per-event outputs are needed.
+//
+// Layouts: frame [2, B, N]; taps [C_in, C_out k^2] (an event's kicks are the row of its input
+// channel); source, in_trial, cos_step, sin_step, times [E, B]; count [B, N]; spike times
+// [B, N, K] (+inf where empty).
+
+struct ConvGeometry {
+  int64_t in_h, in_w, out_c, out_h, out_w, k, stride, padding;
+  int64_t Lanes() const { return out_c * k * k; }
+  int64_t Neurons() const { return out_c * out_h * out_w; }
+  // Output position reached through kernel tap j from input coordinate i, or -1.
+  static int64_t Position(int64_t i, int64_t j, int64_t padding, int64_t stride, int64_t size) {
+    const int64_t numerator = i + padding - j;
+    if (numerator < 0 || numerator % stride != 0) return -1;
+    const int64_t position = numerator / stride;
+    return position < size ? position : -1;
+  }
+  // Calls lane(p, n) for each reached neuron n of an input at `source` (lane p in taps' row).
+  template <typename F>
+  inline void ForEachLane(int64_t source, F&& lane) const {
+    const int64_t row = (source / in_w) % in_h, col = source % in_w;
+    for (int64_t jr = 0; jr < k; ++jr) {
+      const int64_t out_row = Position(row, jr, padding, stride, out_h);
+      if (out_row < 0) continue;
+      for (int64_t jc = 0; jc < k; ++jc) {
+        const int64_t out_col = Position(col, jc, padding, stride, out_w);
+        if (out_col < 0) continue;
+        const int64_t position = out_row * out_w + out_col;
+        for (int64_t o = 0; o < out_c; ++o) {
+          lane((o * k + jr) * k + jc, o * out_h * out_w + position);
+        }
+      }
+    }
+  }
+};
+
+ConvGeometry MakeGeometry(int64_t in_h, int64_t in_w, int64_t out_c, int64_t out_h,
+                          int64_t out_w, int64_t k, int64_t stride, int64_t padding) {
+  return ConvGeometry{in_h, in_w, out_c, out_h, out_w, k, stride, padding};
+}
+
+// One touched neuron at one event: NeuronEvent (rotation to the event, reset past a spike, kick)
+// followed by the rotation back into the co-rotating frame.
+template <typename T>
+struct ConvLane {
+  NeuronEvent<T> event;
+  T cos_frame, sin_frame;
+
+  inline ConvLane(T cos, T sin, T cs, T sn, T tap, T scale)
+      : event(cos, sin, cs, sn, tap, scale) {
+    cos_frame = event.cos_out * cs + event.sin_out * sn;
+    sin_frame = event.sin_out * cs - event.cos_out * sn;
+  }
+};
+
+template <ffi::DataType D>
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<D> taps,
+                       ffi::Buffer<ffi::S32> source, ffi::Buffer<ffi::PRED> in_trial,
+                       ffi::Buffer<D> cos_step, ffi::Buffer<D> sin_step, ffi::Buffer<D> times,
+                       ffi::ResultBuffer<D> final_frame, ffi::ResultBuffer<ffi::S32> count,
+                       ffi::ResultBuffer<D> record_time, int64_t in_h, int64_t in_w,
+                       int64_t out_c, int64_t out_h, int64_t out_w, int64_t kernel_size,
+                       int64_t stride, int64_t padding, double inverse_root,
+                       double angular_speed) {
+  using T = ffi::NativeType<D>;
+  const ConvGeometry g = MakeGeometry(in_h, in_w, out_c, out_h, out_w, kernel_size, stride,
+                                      padding);
+  const int64_t batch = frame.dimensions()[1], n_neurons = frame.dimensions()[2];
+  const int64_t n_events = source.dimensions()[0];
+  const int64_t max_spikes = record_time->dimensions()[2];
+  const int64_t lanes = g.Lanes(), plane = batch * n_neurons, channel_size = in_h * in_w;
+  const T scale = T(inverse_root), speed = T(angular_speed);
+  const T* tap_rows = taps.typed_data();
+  const int32_t* sources = source.typed_data();
+  const bool* trial = in_trial.typed_data();
+  const T* cs = cos_step.typed_data();
+  const T* sn = sin_step.typed_data();
+  const T* t = times.typed_data();
+
+  ParallelFor(pool, batch, BlockSize(batch, pool.num_threads()), [&](int64_t first, int64_t last) {
+    std::vector<T> cos(n_neurons), sin(n_neurons);
+    for (int64_t b = first; b < last; ++b) {
+      std::memcpy(cos.data(), frame.typed_data() + b * n_neurons, n_neurons * sizeof(T));
+      std::memcpy(sin.data(), frame.typed_data() + plane + b * n_neurons,
+                  n_neurons * sizeof(T));
+      int32_t* counts = count->typed_data() + b * n_neurons;
+      T* spike_times = record_time->typed_data() + b * n_neurons * max_spikes;
+      std::fill(counts, counts + n_neurons, 0);
+      std::fill(spike_times, spike_times + n_neurons * max_spikes,
+                std::numeric_limits<T>::infinity());
+      for (int64_t e = 0; e < n_events; ++e) {
+        const int64_t at = e * batch + b;
+        if (!trial[at]) continue;
+        const T c = cs[at], s = sn[at], time = t[at];
+        const T* row = tap_rows + (sources[at] / channel_size) * lanes;
+        g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
+          const ConvLane<T> lane(cos[n], sin[n], c, s, row[p], scale);
+          cos[n] = lane.cos_frame;
+          sin[n] = lane.sin_frame;
+          if (lane.event.spike) {
+            const int64_t slot = counts[n]++;
+            if (slot < max_spikes) {
+              // After the reset the point's angle is the time since the spike.
+              const T angle = std::atan2(lane.event.reset_sin, lane.event.reset_cos);
+              spike_times[n * max_spikes + slot] = std::max(time - angle / speed, T(0));
+            }
+          }
+        });
+      }
+      std::memcpy(final_frame->typed_data() + b * n_neurons, cos.data(), n_neurons * sizeof(T));
+      std::memcpy(final_frame->typed_data() + plane + b * n_neurons, sin.data(),
+                  n_neurons * sizeof(T));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType D>
+ffi::Error ConvBackward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<D> taps,
+                        ffi::Buffer<ffi::S32> source, ffi::Buffer<ffi::PRED> in_trial,
+                        ffi::Buffer<D> cos_step, ffi::Buffer<D> sin_step, ffi::Buffer<D> times,
+                        ffi::Buffer<D> grad_final, ffi::Buffer<D> grad_record_time,
+                        ffi::ResultBuffer<D> grad_frame, ffi::ResultBuffer<D> grad_taps,
+                        ffi::ResultBuffer<D> grad_times, int64_t in_h, int64_t in_w,
+                        int64_t out_c, int64_t out_h, int64_t out_w, int64_t kernel_size,
+                        int64_t stride, int64_t padding, double inverse_root,
+                        double angular_speed) {
+  using T = ffi::NativeType<D>;
+  const ConvGeometry g = MakeGeometry(in_h, in_w, out_c, out_h, out_w, kernel_size, stride,
+                                      padding);
+  const int64_t batch = frame.dimensions()[1], n_neurons = frame.dimensions()[2];
+  const int64_t n_events = source.dimensions()[0];
+  const int64_t max_spikes = grad_record_time.dimensions()[2];
+  const int64_t lanes = g.Lanes(), plane = batch * n_neurons, channel_size = in_h * in_w;
+  const int64_t n_taps = taps.dimensions()[0] * lanes;
+  const T scale = T(inverse_root), speed = T(angular_speed);
+  const T* tap_rows = taps.typed_data();
+  const int32_t* sources = source.typed_data();
+  const bool* trial = in_trial.typed_data();
+  const T* cs = cos_step.typed_data();
+  const T* sn = sin_step.typed_data();
+  const T* t = times.typed_data();
+  T* grad_tap_rows = grad_taps->typed_data();
+  std::fill(grad_tap_rows, grad_tap_rows + n_taps, T(0));
+  std::mutex taps_mutex;  // every block adds into its own taps, summed at the end
+
+  ParallelFor(pool, batch, BlockSize(batch, pool.num_threads()), [&](int64_t first, int64_t last) {
+    std::vector<T> cos(n_neurons), sin(n_neurons), grad_cos(n_neurons), grad_sin(n_neurons);
+    std::vector<int32_t> counts(n_neurons);
+    // Each event's touched points before it, recomputed: [E, P, 2] (lane p at slot p).
+    std::vector<T> before(n_events * lanes * 2);
+    std::vector<T> block_taps(n_taps, T(0));
+    for (int64_t b = first; b < last; ++b) {
+      std::memcpy(cos.data(), frame.typed_data() + b * n_neurons, n_neurons * sizeof(T));
+      std::memcpy(sin.data(), frame.typed_data() + plane + b * n_neurons,
+                  n_neurons * sizeof(T));
+      std::fill(counts.begin(), counts.end(), 0);
+      for (int64_t e = 0; e < n_events; ++e) {
+        const int64_t at = e * batch + b;
+        if (!trial[at]) continue;
+        const T c = cs[at], s = sn[at];
+        const T* row = tap_rows + (sources[at] / channel_size) * lanes;
+        T* saved = &before[e * lanes * 2];
+        g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
+          saved[2 * p] = cos[n];
+          saved[2 * p + 1] = sin[n];
+          const ConvLane<T> lane(cos[n], sin[n], c, s, row[p], scale);
+          cos[n] = lane.cos_frame;
+          sin[n] = lane.sin_frame;
+          counts[n] += lane.event.spike;
+        });
+      }
+      std::memcpy(grad_cos.data(), grad_final.typed_data() + b * n_neurons,
+                  n_neurons * sizeof(T));
+      std::memcpy(grad_sin.data(), grad_final.typed_data() + plane + b * n_neurons,
+                  n_neurons * sizeof(T));
+      const T* grad_spike_times = grad_record_time.typed_data() + b * n_neurons * max_spikes;
+      for (int64_t e = n_events - 1; e >= 0; --e) {
+        const int64_t at = e * batch + b;
+        if (!trial[at]) {
+          grad_times->typed_data()[at] = T(0);
+          continue;
+        }
+        const T c = cs[at], s = sn[at], time = t[at];
+        const T* row = tap_rows + (sources[at] / channel_size) * lanes;
+        T* grad_row = &block_taps[(sources[at] / channel_size) * lanes];
+        const T* saved = &before[e * lanes * 2];
+        T grad_c = 0, grad_s = 0, grad_time = 0;
+        g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
+          const T cos0 = saved[2 * p], sin0 = saved[2 * p + 1];
+          const ConvLane<T> lane(cos0, sin0, c, s, row[p], scale);
+          const NeuronEvent<T>& ev = lane.event;
+          // Rotation back: frame = R(-a) out.
+          const T grad_out_cos = grad_cos[n] * c - grad_sin[n] * s;
+          const T grad_out_sin = grad_cos[n] * s + grad_sin[n] * c;
+          grad_c += grad_cos[n] * ev.cos_out + grad_sin[n] * ev.sin_out;
+          grad_s += grad_cos[n] * ev.sin_out - grad_sin[n] * ev.cos_out;
+          // Normalisation: out = (shifted, reset_sin) / r.
+          const T radial = grad_out_cos * ev.cos_out + grad_out_sin * ev.sin_out;
+          const T grad_shifted = ev.inverse_norm * (grad_out_cos - radial * ev.cos_out);
+          T grad_reset_sin = ev.inverse_norm * (grad_out_sin - radial * ev.sin_out);
+          // Kick: shifted = reset_cos - u reset_sin.
+          T grad_reset_cos = grad_shifted;
+          grad_reset_sin -= ev.u * grad_shifted;
+          grad_row[p] += -ev.reset_sin * grad_shifted * scale;
+          if (ev.spike) {
+            // Spikes are found in time order: this one is the neuron's slot counts[n] - 1.
+            const int64_t slot = --counts[n];
+            if (slot < max_spikes) {
+              const T angle = std::atan2(ev.reset_sin, ev.reset_cos);
+              const T grad = grad_spike_times[n * max_spikes + slot];
+              if (time - angle / speed > T(0) && grad != T(0)) {
+                // spike time = t - atan2(reset_sin, reset_cos) / speed
+                const T r2 = ev.reset_cos * ev.reset_cos + ev.reset_sin * ev.reset_sin;
+                grad_time += grad;
+                grad_reset_cos += grad * ev.reset_sin / (speed * r2);
+                grad_reset_sin -= grad * ev.reset_cos / (speed * r2);
+              }
+            }
+          }
+          const T grad_rotated_cos = ev.sign * grad_reset_cos;
+          const T grad_rotated_sin = ev.sign * grad_reset_sin;
+          // Rotation to the event: rotated = R(a) before.
+          grad_cos[n] = grad_rotated_cos * c + grad_rotated_sin * s;
+          grad_sin[n] = -grad_rotated_cos * s + grad_rotated_sin * c;
+          grad_c += grad_rotated_cos * cos0 + grad_rotated_sin * sin0;
+          grad_s += -grad_rotated_cos * sin0 + grad_rotated_sin * cos0;
+        });
+        // (c, s) = (cos, sin)(speed t).
+        grad_times->typed_data()[at] = grad_time + speed * (grad_s * c - grad_c * s);
+      }
+      std::memcpy(grad_frame->typed_data() + b * n_neurons, grad_cos.data(),
+                  n_neurons * sizeof(T));
+      std::memcpy(grad_frame->typed_data() + plane + b * n_neurons, grad_sin.data(),
+                  n_neurons * sizeof(T));
+    }
+    std::lock_guard<std::mutex> lock(taps_mutex);
+    for (int64_t i = 0; i < n_taps; ++i) grad_tap_rows[i] += block_taps[i];
+  });
+  return ffi::Error::Success();
+}
+
+#define CONV_INPUTS(D)                                   \
+  ffi::Ffi::Bind()                                       \
+      .Ctx<ffi::ThreadPool>()                            \
+      .Arg<ffi::Buffer<D>>()                             \
+      .Arg<ffi::Buffer<D>>()                             \
+      .Arg<ffi::Buffer<ffi::S32>>()                      \
+      .Arg<ffi::Buffer<ffi::PRED>>()                     \
+      .Arg<ffi::Buffer<D>>()                             \
+      .Arg<ffi::Buffer<D>>()                             \
+      .Arg<ffi::Buffer<D>>()
+
+#define CONV_ATTRIBUTES                                                                      \
+  .Attr<int64_t>("in_h").Attr<int64_t>("in_w").Attr<int64_t>("out_c").Attr<int64_t>("out_h") \
+      .Attr<int64_t>("out_w").Attr<int64_t>("kernel_size").Attr<int64_t>("stride")           \
+      .Attr<int64_t>("padding").Attr<double>("inverse_root").Attr<double>("angular_speed")
+
+// Returns: final frame, spike counts, spike times.
+#define CONV_FORWARD_BINDING(D)                          \
+  CONV_INPUTS(D)                                         \
+      .Ret<ffi::Buffer<D>>()                             \
+      .Ret<ffi::Buffer<ffi::S32>>()                      \
+      .Ret<ffi::Buffer<D>>() CONV_ATTRIBUTES
+
+// Also takes the cotangents of the final frame and of the record times; returns those of the
+// initial frame, the taps and the event times.
+#define CONV_BACKWARD_BINDING(D)                         \
+  CONV_INPUTS(D)                                         \
+      .Arg<ffi::Buffer<D>>()                             \
+      .Arg<ffi::Buffer<D>>()                             \
+      .Ret<ffi::Buffer<D>>()                             \
+      .Ret<ffi::Buffer<D>>()                             \
+      .Ret<ffi::Buffer<D>>() CONV_ATTRIBUTES
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaScanForwardF32, Forward<ffi::F32>, FORWARD_BINDING(ffi::F32));
@@ -382,3 +664,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaScanBackwardF32, Backward<ffi::F32>,
                               BACKWARD_BINDING(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaScanBackwardF64, Backward<ffi::F64>,
                               BACKWARD_BINDING(ffi::F64));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaConvForwardF32, ConvForward<ffi::F32>,
+                              CONV_FORWARD_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaConvForwardF64, ConvForward<ffi::F64>,
+                              CONV_FORWARD_BINDING(ffi::F64));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaConvBackwardF32, ConvBackward<ffi::F32>,
+                              CONV_BACKWARD_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThetaConvBackwardF64, ConvBackward<ffi::F64>,
+                              CONV_BACKWARD_BINDING(ffi::F64));

@@ -14,8 +14,13 @@ Theta``), at the time read off its angle; then the kick is applied (the phase tr
 in the algebraic form of ``Theta._rotating_layer``) and the point rotated back. Spikes after a
 neuron's last kick are found at the trial end, where all neurons are rotated once more.
 
-Everything is differentiable (weights, initial phases, input times) with ``jax.grad``; the backward
-pass of the scan keeps only the touched neurons of each step.
+Everything is differentiable (weights, initial phases, input times) with ``jax.grad``. On CPU the
+event loop runs in a C++ kernel (:mod:`jax_kernels.native`): sample by sample with the sample's
+neurons in the cache, each spike recorded as it is found, and a reverse pass that recomputes the
+sample's events and runs them backwards. Elsewhere (GPU, or no compiler) a batched ``lax.scan``
+does the same arithmetic on the touched lanes, with a hand-written reverse pass (JAX's transpose
+of the per-event gathers would add a whole-layer cotangent per event); spike times are read off
+after the loop for the spiked lanes only. Both paths are tested equal.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 XLA's CPU backend runs an event scan over a whole batch as about ten passes over the
 ``[batch, neurons]`` arrays per event (one per carried array; it does not fuse them into one
 loop), each far from the cache. The kernels here do the same arithmetic sample by sample with
-the sample's neurons in the L1 cache (``theta_scan.cc``), on XLA's intra-op thread pool.
+the sample's neurons in the L1 cache (``theta_scan.cc``), on XLA's intra-op thread pool. The same
+file holds the theta convolution's event loop (:mod:`jax_kernels.conv`), where an event touches
+only the ``C_out k^2`` neurons it reaches.
 
 The library is built with the system's C++ compiler (``$CXX``, else ``g++`` or ``c++``) the
 first time it is needed, against the FFI headers of the installed ``jaxlib``, and kept in

@@ -10,8 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 jax==0.10.2
-	$(PY) -m pip install -e '.[examples,test]'
+	$(PY) -m pip install --no-compile torch==2.14.1 torchvision==0.29.1 jax==0.10.2
+	$(PY) -m pip install --no-compile -e '.[examples,test]'
+	@# pip byte-compiles file by file on one core (a third of the install); compileall does the
+	@# same on all cores. A file that does not compile is left to Python, as pip leaves it.
+	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
 # Best effort: Debian's full Fashion-MNIST (an offline source of spike_bridge.data), installed when

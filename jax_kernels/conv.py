@@ -149,9 +149,10 @@ def _passed_pi(cos: Array, sin: Array) -> Array:
 
 
 def _half_angle_tangent(cos: Array, sin: Array) -> Array:
-    """``tan(a / 2)`` of a point at angle ``a`` in ``[0, pi)`` (``sin >= 0``): one division,
-    where ``atan2`` per touched neuron and event dominated the event step. Each branch divides
-    by a quantity bounded away from 0 on it (safe operands keep the unused branch finite)."""
+    """``tan(a / 2)`` of a unit-circle point at angle ``a`` in ``[0, pi)`` (``sin >= 0``): one
+    division, where ``atan2`` per touched neuron and event dominated the event step. Each
+    branch divides by a quantity bounded away from 0 on it (safe operands keep the unused
+    branch finite)."""
     upper = cos >= 0
     return jnp.where(upper, sin / (1 + jnp.where(upper, cos, 0.0)),
                      (1 - cos) / jnp.where(upper, 1.0, sin))

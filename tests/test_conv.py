@@ -409,9 +409,10 @@ def _scans(jaxpr):
 
 def test_event_steps_touch_only_the_reached_neurons(monkeypatch):
     """The pure-JAX path (GPU, or no compiler): the scan bodies of the forward pass and of the
-    hand-written reverse pass (one input event each) work on ``B C_out k^2`` lanes: the only operations on arrays of all ``B N``
-    neurons are the scatters that write the touched ones back (in place), and no spike time
-    (an ``atan``/``atan2`` per lane) is computed inside the loop."""
+    hand-written reverse pass (one input event each) work on ``B C_out k^2`` lanes: the only
+    operations on arrays of all ``B N`` neurons are the scatters that write the touched ones
+    back (in place), and no spike time (an ``atan``/``atan2`` per lane) is computed inside the
+    loop."""
 
     import jax
     import jax.numpy as jnp

@@ -417,11 +417,6 @@ struct ConvGeometry {
   }
 };
 
-ConvGeometry MakeGeometry(int64_t in_h, int64_t in_w, int64_t out_c, int64_t out_h,
-                          int64_t out_w, int64_t k, int64_t stride, int64_t padding) {
-  return ConvGeometry{in_h, in_w, out_c, out_h, out_w, k, stride, padding};
-}
-
 // One touched neuron at one event: NeuronEvent (rotation to the event, reset past a spike, kick)
 // followed by the rotation back into the co-rotating frame.
 template <typename T>
@@ -446,8 +441,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<D
                        int64_t stride, int64_t padding, double inverse_root,
                        double angular_speed) {
   using T = ffi::NativeType<D>;
-  const ConvGeometry g = MakeGeometry(in_h, in_w, out_c, out_h, out_w, kernel_size, stride,
-                                      padding);
+  const ConvGeometry g{in_h, in_w, out_c, out_h, out_w, kernel_size, stride, padding};
   const int64_t batch = frame.dimensions()[1], n_neurons = frame.dimensions()[2];
   const int64_t n_events = source.dimensions()[0];
   const int64_t max_spikes = record_time->dimensions()[2];
@@ -509,8 +503,7 @@ ffi::Error ConvBackward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<
                         int64_t stride, int64_t padding, double inverse_root,
                         double angular_speed) {
   using T = ffi::NativeType<D>;
-  const ConvGeometry g = MakeGeometry(in_h, in_w, out_c, out_h, out_w, kernel_size, stride,
-                                      padding);
+  const ConvGeometry g{in_h, in_w, out_c, out_h, out_w, kernel_size, stride, padding};
   const int64_t batch = frame.dimensions()[1], n_neurons = frame.dimensions()[2];
   const int64_t n_events = source.dimensions()[0];
   const int64_t max_spikes = grad_record_time.dimensions()[2];

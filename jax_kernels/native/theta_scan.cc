@@ -431,6 +431,60 @@ struct ConvLane {
   }
 };
 
+// The inputs both conv kernels take, and the forward event loop of one sample that the forward
+// pass runs and the reverse pass recomputes.
+template <typename T>
+struct ConvEvents {
+  ConvGeometry g;
+  int64_t batch, n_neurons, n_events, lanes, channel_size;
+  T scale, speed;
+  const T* frame;  // [2, B, N]
+  const T* tap_rows;
+  const int32_t* sources;
+  const bool* trial;
+  const T *cs, *sn, *t;
+
+  // Offset of event `at`'s row of kicks (its input channel's) in the [C_in, P] taps.
+  int64_t RowOffset(int64_t at) const { return (sources[at] / channel_size) * lanes; }
+
+  // Loads sample b's frame into cos/sin and runs its events in time order; after each touched
+  // lane calls visit(e, p, n, cos_before, sin_before, lane) with the lane's result.
+  template <typename F>
+  void Run(int64_t b, T* cos, T* sin, F&& visit) const {
+    std::memcpy(cos, frame + b * n_neurons, n_neurons * sizeof(T));
+    std::memcpy(sin, frame + batch * n_neurons + b * n_neurons, n_neurons * sizeof(T));
+    for (int64_t e = 0; e < n_events; ++e) {
+      const int64_t at = e * batch + b;
+      if (!trial[at]) continue;
+      const T c = cs[at], s = sn[at];
+      const T* row = tap_rows + RowOffset(at);
+      g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
+        const T cos_before = cos[n], sin_before = sin[n];
+        const ConvLane<T> lane(cos_before, sin_before, c, s, row[p], scale);
+        cos[n] = lane.cos_frame;
+        sin[n] = lane.sin_frame;
+        visit(e, p, n, cos_before, sin_before, lane);
+      });
+    }
+  }
+};
+
+template <ffi::DataType D>
+ConvEvents<ffi::NativeType<D>> MakeConvEvents(
+    ffi::Buffer<D>& frame, ffi::Buffer<D>& taps, ffi::Buffer<ffi::S32>& source,
+    ffi::Buffer<ffi::PRED>& in_trial, ffi::Buffer<D>& cos_step, ffi::Buffer<D>& sin_step,
+    ffi::Buffer<D>& times, int64_t in_h, int64_t in_w, int64_t out_c, int64_t out_h,
+    int64_t out_w, int64_t kernel_size, int64_t stride, int64_t padding, double inverse_root,
+    double angular_speed) {
+  using T = ffi::NativeType<D>;
+  const ConvGeometry g{in_h, in_w, out_c, out_h, out_w, kernel_size, stride, padding};
+  return ConvEvents<T>{g, frame.dimensions()[1], frame.dimensions()[2],
+                       source.dimensions()[0], g.Lanes(), in_h * in_w, T(inverse_root),
+                       T(angular_speed), frame.typed_data(), taps.typed_data(),
+                       source.typed_data(), in_trial.typed_data(), cos_step.typed_data(),
+                       sin_step.typed_data(), times.typed_data()};
+}
+
 template <ffi::DataType D>
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<D> taps,
                        ffi::Buffer<ffi::S32> source, ffi::Buffer<ffi::PRED> in_trial,
@@ -441,51 +495,32 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<D
                        int64_t stride, int64_t padding, double inverse_root,
                        double angular_speed) {
   using T = ffi::NativeType<D>;
-  const ConvGeometry g{in_h, in_w, out_c, out_h, out_w, kernel_size, stride, padding};
-  const int64_t batch = frame.dimensions()[1], n_neurons = frame.dimensions()[2];
-  const int64_t n_events = source.dimensions()[0];
+  const ConvEvents<T> events = MakeConvEvents<D>(
+      frame, taps, source, in_trial, cos_step, sin_step, times, in_h, in_w, out_c, out_h, out_w,
+      kernel_size, stride, padding, inverse_root, angular_speed);
+  const int64_t batch = events.batch, n_neurons = events.n_neurons;
   const int64_t max_spikes = record_time->dimensions()[2];
-  const int64_t lanes = g.Lanes(), plane = batch * n_neurons, channel_size = in_h * in_w;
-  const T scale = T(inverse_root), speed = T(angular_speed);
-  const T* tap_rows = taps.typed_data();
-  const int32_t* sources = source.typed_data();
-  const bool* trial = in_trial.typed_data();
-  const T* cs = cos_step.typed_data();
-  const T* sn = sin_step.typed_data();
-  const T* t = times.typed_data();
 
   ParallelFor(pool, batch, BlockSize(batch, pool.num_threads()), [&](int64_t first, int64_t last) {
     std::vector<T> cos(n_neurons), sin(n_neurons);
     for (int64_t b = first; b < last; ++b) {
-      std::memcpy(cos.data(), frame.typed_data() + b * n_neurons, n_neurons * sizeof(T));
-      std::memcpy(sin.data(), frame.typed_data() + plane + b * n_neurons,
-                  n_neurons * sizeof(T));
       int32_t* counts = count->typed_data() + b * n_neurons;
       T* spike_times = record_time->typed_data() + b * n_neurons * max_spikes;
       std::fill(counts, counts + n_neurons, 0);
       std::fill(spike_times, spike_times + n_neurons * max_spikes,
                 std::numeric_limits<T>::infinity());
-      for (int64_t e = 0; e < n_events; ++e) {
-        const int64_t at = e * batch + b;
-        if (!trial[at]) continue;
-        const T c = cs[at], s = sn[at], time = t[at];
-        const T* row = tap_rows + (sources[at] / channel_size) * lanes;
-        g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
-          const ConvLane<T> lane(cos[n], sin[n], c, s, row[p], scale);
-          cos[n] = lane.cos_frame;
-          sin[n] = lane.sin_frame;
-          if (lane.event.spike) {
-            const int64_t slot = counts[n]++;
-            if (slot < max_spikes) {
-              // After the reset the point's angle is the time since the spike.
-              const T angle = std::atan2(lane.event.reset_sin, lane.event.reset_cos);
-              spike_times[n * max_spikes + slot] = std::max(time - angle / speed, T(0));
-            }
-          }
-        });
-      }
+      events.Run(b, cos.data(), sin.data(),
+                 [&](int64_t e, int64_t, int64_t n, T, T, const ConvLane<T>& lane) {
+        if (!lane.event.spike) return;
+        const int64_t slot = counts[n]++;
+        if (slot >= max_spikes) return;
+        // After the reset the point's angle is the time since the spike.
+        const T angle = std::atan2(lane.event.reset_sin, lane.event.reset_cos);
+        spike_times[n * max_spikes + slot] =
+            std::max(events.t[e * batch + b] - angle / events.speed, T(0));
+      });
       std::memcpy(final_frame->typed_data() + b * n_neurons, cos.data(), n_neurons * sizeof(T));
-      std::memcpy(final_frame->typed_data() + plane + b * n_neurons, sin.data(),
+      std::memcpy(final_frame->typed_data() + (batch + b) * n_neurons, sin.data(),
                   n_neurons * sizeof(T));
     }
   });
@@ -503,19 +538,14 @@ ffi::Error ConvBackward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<
                         int64_t stride, int64_t padding, double inverse_root,
                         double angular_speed) {
   using T = ffi::NativeType<D>;
-  const ConvGeometry g{in_h, in_w, out_c, out_h, out_w, kernel_size, stride, padding};
-  const int64_t batch = frame.dimensions()[1], n_neurons = frame.dimensions()[2];
-  const int64_t n_events = source.dimensions()[0];
+  const ConvEvents<T> events = MakeConvEvents<D>(
+      frame, taps, source, in_trial, cos_step, sin_step, times, in_h, in_w, out_c, out_h, out_w,
+      kernel_size, stride, padding, inverse_root, angular_speed);
+  const int64_t batch = events.batch, n_neurons = events.n_neurons;
+  const int64_t n_events = events.n_events, lanes = events.lanes;
   const int64_t max_spikes = grad_record_time.dimensions()[2];
-  const int64_t lanes = g.Lanes(), plane = batch * n_neurons, channel_size = in_h * in_w;
   const int64_t n_taps = taps.dimensions()[0] * lanes;
-  const T scale = T(inverse_root), speed = T(angular_speed);
-  const T* tap_rows = taps.typed_data();
-  const int32_t* sources = source.typed_data();
-  const bool* trial = in_trial.typed_data();
-  const T* cs = cos_step.typed_data();
-  const T* sn = sin_step.typed_data();
-  const T* t = times.typed_data();
+  const T scale = events.scale, speed = events.speed;
   T* grad_tap_rows = grad_taps->typed_data();
   std::fill(grad_tap_rows, grad_tap_rows + n_taps, T(0));
   std::mutex taps_mutex;  // every block adds into its own taps, summed at the end
@@ -527,42 +557,31 @@ ffi::Error ConvBackward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<
     std::vector<T> before(n_events * lanes * 2);
     std::vector<T> block_taps(n_taps, T(0));
     for (int64_t b = first; b < last; ++b) {
-      std::memcpy(cos.data(), frame.typed_data() + b * n_neurons, n_neurons * sizeof(T));
-      std::memcpy(sin.data(), frame.typed_data() + plane + b * n_neurons,
-                  n_neurons * sizeof(T));
       std::fill(counts.begin(), counts.end(), 0);
-      for (int64_t e = 0; e < n_events; ++e) {
-        const int64_t at = e * batch + b;
-        if (!trial[at]) continue;
-        const T c = cs[at], s = sn[at];
-        const T* row = tap_rows + (sources[at] / channel_size) * lanes;
-        T* saved = &before[e * lanes * 2];
-        g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
-          saved[2 * p] = cos[n];
-          saved[2 * p + 1] = sin[n];
-          const ConvLane<T> lane(cos[n], sin[n], c, s, row[p], scale);
-          cos[n] = lane.cos_frame;
-          sin[n] = lane.sin_frame;
-          counts[n] += lane.event.spike;
-        });
-      }
+      events.Run(b, cos.data(), sin.data(),
+                 [&](int64_t e, int64_t p, int64_t n, T cos_before, T sin_before,
+                     const ConvLane<T>& lane) {
+        before[(e * lanes + p) * 2] = cos_before;
+        before[(e * lanes + p) * 2 + 1] = sin_before;
+        counts[n] += lane.event.spike;
+      });
       std::memcpy(grad_cos.data(), grad_final.typed_data() + b * n_neurons,
                   n_neurons * sizeof(T));
-      std::memcpy(grad_sin.data(), grad_final.typed_data() + plane + b * n_neurons,
+      std::memcpy(grad_sin.data(), grad_final.typed_data() + (batch + b) * n_neurons,
                   n_neurons * sizeof(T));
       const T* grad_spike_times = grad_record_time.typed_data() + b * n_neurons * max_spikes;
       for (int64_t e = n_events - 1; e >= 0; --e) {
         const int64_t at = e * batch + b;
-        if (!trial[at]) {
+        if (!events.trial[at]) {
           grad_times->typed_data()[at] = T(0);
           continue;
         }
-        const T c = cs[at], s = sn[at], time = t[at];
-        const T* row = tap_rows + (sources[at] / channel_size) * lanes;
-        T* grad_row = &block_taps[(sources[at] / channel_size) * lanes];
+        const T c = events.cs[at], s = events.sn[at], time = events.t[at];
+        const T* row = events.tap_rows + events.RowOffset(at);
+        T* grad_row = &block_taps[events.RowOffset(at)];
         const T* saved = &before[e * lanes * 2];
         T grad_c = 0, grad_s = 0, grad_time = 0;
-        g.ForEachLane(sources[at], [&](int64_t p, int64_t n) {
+        events.g.ForEachLane(events.sources[at], [&](int64_t p, int64_t n) {
           const T cos0 = saved[2 * p], sin0 = saved[2 * p + 1];
           const ConvLane<T> lane(cos0, sin0, c, s, row[p], scale);
           const NeuronEvent<T>& ev = lane.event;
@@ -607,7 +626,7 @@ ffi::Error ConvBackward(ffi::ThreadPool pool, ffi::Buffer<D> frame, ffi::Buffer<
       }
       std::memcpy(grad_frame->typed_data() + b * n_neurons, grad_cos.data(),
                   n_neurons * sizeof(T));
-      std::memcpy(grad_frame->typed_data() + plane + b * n_neurons, grad_sin.data(),
+      std::memcpy(grad_frame->typed_data() + (batch + b) * n_neurons, grad_sin.data(),
                   n_neurons * sizeof(T));
     }
     std::lock_guard<std::mutex> lock(taps_mutex);

@@ -200,32 +200,52 @@ def _taps(weights: Array) -> Array:
     return jnp.moveaxis(weights, 1, 0).reshape(weights.shape[1], -1)
 
 
+class _LaneEvent(NamedTuple):
+    """One event on its touched lanes ``[B, P]``, the arithmetic the forward scan runs and the
+    reverse pass recomputes: the points rotated to the event and reset past a spike (``z ->
+    -z``, ``sign``), then kicked and normalised (still at the event time)."""
+    spiked: Array
+    sign: Array
+    cos_reset: Array
+    sin_reset: Array
+    inverse_norm: Array
+    cos_kicked: Array
+    sin_kicked: Array
+
+    @classmethod
+    def of(cls, cos0, sin0, kick, c, s, target, n_neurons):
+        cos, sin = _rotate(cos0, sin0, c, s)
+        spiked = _passed_pi(cos, sin) & (target < n_neurons)
+        sign = jnp.where(spiked, -1.0, 1.0).astype(cos0.dtype)
+        cos, sin = sign * cos, sign * sin
+        shifted = cos - kick * sin
+        inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
+        return cls(spiked, sign, cos, sin, inverse_norm, shifted * inverse_norm,
+                   sin * inverse_norm)
+
+
 def _event_scan_forward(geometry, frame, taps, source, in_trial, cos_t, sin_t, keep_lanes):
     """The event loop: ``frame`` ``(cos, sin)`` ``[B, N]`` at ``t = 0`` (co-rotating),
     ``taps`` ``[C_in, P]`` (see :func:`_taps`), ``source``/``in_trial``/``cos_t``/``sin_t``
-    ``[E, B]``. Each event rotates its touched
-    points to the event time, checks for a spike (the angle passed ``pi``), kicks them and
-    rotates them back. Returns the final frame and per event ``(tangent, key)`` ``[E, B, P]``:
-    the tangent of half the angle travelled since a spike and the spiking neuron (``N``: none);
-    with ``keep_lanes`` also the touched points before the event (the reverse pass's
-    residuals)."""
+    ``[E, B]``. Each event rotates its touched points to the event time, checks for a spike
+    (the angle passed ``pi``), kicks them and rotates them back. Returns the final frame and
+    per event ``(tangent, key)`` ``[E, B, P]``: the tangent of half the angle travelled since a
+    spike and the spiking neuron (``N``: none); with ``keep_lanes`` also the touched points
+    before the event (the reverse pass's residuals)."""
     n_neurons = math.prod(geometry.out_shape)
 
     def step(carry, event):
         cos_frame, sin_frame = carry
         source_e, in_trial_e, c, s = event
+        c, s = c[:, None], s[:, None]
         target, kick, _ = _event_lanes(geometry, taps, source_e, in_trial_e)
         cos0, sin0 = _gather_lanes(cos_frame, target, 1.0), _gather_lanes(sin_frame, target, 0.0)
-        cos, sin = _rotate(cos0, sin0, c[:, None], s[:, None])
-        spiked = _passed_pi(cos, sin) & (target < n_neurons)
+        lane = _LaneEvent.of(cos0, sin0, kick, c, s, target, n_neurons)
         # After a spike the point is -z; its angle is the time since the spike.
-        cos, sin = jnp.where(spiked, -cos, cos), jnp.where(spiked, -sin, sin)
-        tangent = _half_angle_tangent(cos, sin)
-        shifted = cos - kick * sin
-        inverse_norm = lax.rsqrt(shifted * shifted + sin * sin)
-        cos, sin = _rotate(shifted * inverse_norm, sin * inverse_norm, c[:, None], -s[:, None])
+        tangent = _half_angle_tangent(lane.cos_reset, lane.sin_reset)
+        cos, sin = _rotate(lane.cos_kicked, lane.sin_kicked, c, -s)
         carry = (_set_lanes(cos_frame, target, cos), _set_lanes(sin_frame, target, sin))
-        outputs = (tangent, jnp.where(spiked, target, n_neurons))
+        outputs = (tangent, jnp.where(lane.spiked, target, n_neurons))
         return carry, outputs + ((cos0, sin0) if keep_lanes else ())
 
     return lax.scan(step, frame, (source, in_trial, cos_t, sin_t))
@@ -260,14 +280,10 @@ def _event_scan_bwd(geometry, residuals, cotangents):
         source_e, in_trial_e, c, s, cos0, sin0, g_tangent = event
         c, s = c[:, None], s[:, None]
         target, kick, acting = _event_lanes(geometry, taps, source_e, in_trial_e)
-        # Recompute the event on its lanes.
-        cos1, sin1 = _rotate(cos0, sin0, c, s)
-        spiked = _passed_pi(cos1, sin1) & (target < n_neurons)
-        sign = jnp.where(spiked, -1.0, 1.0).astype(cos0.dtype)
-        cos2, sin2 = sign * cos1, sign * sin1
-        shifted = cos2 - kick * sin2
-        inverse_norm = lax.rsqrt(shifted * shifted + sin2 * sin2)
-        cos3, sin3 = shifted * inverse_norm, sin2 * inverse_norm
+        # Recompute the event on its lanes: reset (2), kicked (3).
+        lane = _LaneEvent.of(cos0, sin0, kick, c, s, target, n_neurons)
+        sign, inverse_norm = lane.sign, lane.inverse_norm
+        cos2, sin2, cos3, sin3 = lane.cos_reset, lane.sin_reset, lane.cos_kicked, lane.sin_kicked
         # Cotangents of the lanes after the event (0 off the grid: never read again).
         g_cos4 = _gather_lanes(g_cos_frame, target, 0.0)
         g_sin4 = _gather_lanes(g_sin_frame, target, 0.0)

@@ -3,7 +3,8 @@
     image -> BinnedLatencyEncoder (8 intensity bins -> one input spike, brighter earlier)
           -> SpikingConv2d(1 -> c1, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
           -> SpikingConv2d(c1 -> c2, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
-          -> ThetaLinear(c2 * 4 * 4 -> 10) -> FirstSpikeTime()
+          -> [ThetaLinear(c2 * 4 * 4 -> h), each --hidden size h] -> ThetaLinear(-> 10)
+          -> FirstSpikeTime()
 
 Every layer is spiking and trained with exact spike-time gradients (pseudospikes for silent
 neurons); the first convolution takes one convolution per input time bin, the second touches only
@@ -64,10 +65,12 @@ def build_network(args: argparse.Namespace) -> nn.Sequential:
     conv2 = SpikingConv2d(pool1.out_shape, args.channels[1], 5, w_scale=args.w_scale,
                           name="conv2", **common)
     pool2 = EarliestSpikePool2d(conv2.out_shape, 2, spikes_per_window=args.pool_spikes)
-    readout = ThetaLinear(math.prod(pool2.out_shape), 10, w_scale=args.w_scale,
-                          name="output", **common)
+    sizes = [math.prod(pool2.out_shape), *args.hidden, 10]
+    dense = [ThetaLinear(n_in, n_out, w_scale=args.w_scale,
+                         name="output" if i == len(sizes) - 2 else f"hidden{i + 1}", **common)
+             for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
     return nn.Sequential(BinnedLatencyEncoder(args.bins, args.T), conv1, pool1, conv2, pool2,
-                         readout, FirstSpikeTime())
+                         *dense, FirstSpikeTime())
 
 
 def tensors(dataset, max_samples, seed):
@@ -89,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epoch-test-samples", type=int, default=2000,
                         help="test samples evaluated after each epoch (learning curves)")
     parser.add_argument("--channels", type=int, nargs=2, default=[8, 16])
+    parser.add_argument("--hidden", type=int, nargs="*", default=[],
+                        help="sizes of dense theta layers between the last pooling and the "
+                             "10-neuron readout (default: none)")
     parser.add_argument("--pool-spikes", type=int, default=2,
                         help="earliest spikes each pooling window passes on (1: first spikes)")
     parser.add_argument("--bins", type=int, default=8,

@@ -115,8 +115,9 @@ def test_ddp_example_under_torchrun(tmp_path):
 
 def test_conv_example_tiny(tmp_path, monkeypatch):
     """``examples/conv.py`` end to end on a tiny setting (2 epochs of one step, 2 and 4 channels,
-    4 test images: the size of its feature-map figure, so evaluation and figure share one
-    compiled forward): the README's all-spiking conv command with its files."""
+    a hidden dense layer of 3, 4 test images: the size of its feature-map figure, so evaluation
+    and figure share one compiled forward): the README's all-spiking conv command with its
+    files."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     import conv
@@ -124,7 +125,7 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
     out = conv.main([
         "--epochs", "2", "--samples-per-epoch", "50", "--epoch-test-samples", "4",
         "--max-test-samples", "4", "--batch-size", "50", "--channels", "2", "4",
-        "--data-root", str(REPO / "data"), "--out", str(tmp_path / "conv"),
+        "--hidden", "3", "--data-root", str(REPO / "data"), "--out", str(tmp_path / "conv"),
     ])
     assert out == (tmp_path / "conv").resolve()
     for name in ("metrics.json", "learning_curves.png", "feature_maps_conv1.png",
@@ -132,6 +133,7 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["bins"] == 8 and metrics["config"]["pool_spikes"] == 2
+    assert metrics["config"]["hidden"] == [3]
     assert len(metrics["history"]) == 2
     assert _finite([h["train_loss"] for h in metrics["history"]]
                    + [h["test_loss"] for h in metrics["history"]])
@@ -139,6 +141,7 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
     assert final["test_samples"] == 4
     assert 0.0 <= final["test_accuracy_ordinary"] <= 1.0
     assert 0.0 <= final["test_accuracy"] <= 1.0 and math.isfinite(final["test_loss"])
-    # every layer reported, the first convolution active (8-bin input of bright pixels)
-    assert set(final["activity_per_layer"]) == {"1", "3", "5"}
+    # every spiking layer reported (conv, conv, hidden, readout), the first convolution active
+    # (8-bin input of bright pixels)
+    assert set(final["activity_per_layer"]) == {"1", "3", "5", "6"}
     assert final["activity_per_layer"]["1"] > 0

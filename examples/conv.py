@@ -3,7 +3,7 @@
     image -> BinnedLatencyEncoder (8 intensity bins -> one input spike, brighter earlier)
           -> SpikingConv2d(1 -> c1, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
           -> SpikingConv2d(c1 -> c2, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
-          -> [ThetaLinear(c2 * 4 * 4 -> h), each --hidden size h] -> ThetaLinear(-> 10)
+          -> [theta layer (c2 * 4 * 4 -> h), each --hidden size h] -> theta layer (-> 10)
           -> FirstSpikeTime()
 
 Every layer is spiking and trained with exact spike-time gradients (pseudospikes for silent
@@ -42,8 +42,8 @@ from spike_bridge.nn import (
     EarliestSpikePool2d,
     FirstSpikeTime,
     SpikingConv2d,
-    ThetaLinear,
 )
+from spike_bridge.networks import dense_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import batches, plot_example, plot_learning_curves, train_and_evaluate  # noqa: E402
@@ -65,10 +65,8 @@ def build_network(args: argparse.Namespace) -> nn.Sequential:
     conv2 = SpikingConv2d(pool1.out_shape, args.channels[1], 5, w_scale=args.w_scale,
                           name="conv2", **common)
     pool2 = EarliestSpikePool2d(conv2.out_shape, 2, spikes_per_window=args.pool_spikes)
-    sizes = [math.prod(pool2.out_shape), *args.hidden, 10]
-    dense = [ThetaLinear(n_in, n_out, w_scale=args.w_scale,
-                         name="output" if i == len(sizes) - 2 else f"hidden{i + 1}", **common)
-             for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    dense = dense_layers([math.prod(pool2.out_shape), *args.hidden, 10], "theta",
+                         w_scale=args.w_scale, **common)
     return nn.Sequential(BinnedLatencyEncoder(args.bins, args.T), conv1, pool1, conv2, pool2,
                          *dense, FirstSpikeTime())
 

@@ -2,6 +2,8 @@
 
 * :func:`mlp`: binned latency encoder, spiking layers of any registered neuron model,
   first-spike readout (with the defaults and ``hidden=[100, 100]``: the reference MNIST network);
+* :func:`dense_layers`: the stack of fully connected spiking layers itself, to put after any
+  spike-producing front end (e.g. convolution and pooling);
 * :class:`HybridConvNet`: a convolutional front end feeding theta layers through a
   differentiable latency encoder, trained end to end.
 """
@@ -24,7 +26,7 @@ from spike_bridge.nn import (
     ThetaLinear,
 )
 
-__all__ = ["HybridConvNet", "mlp"]
+__all__ = ["HybridConvNet", "dense_layers", "mlp"]
 
 
 def mlp(
@@ -67,22 +69,44 @@ def mlp(
         pseudospikes for models that have them; LIF neurons have none, so their silent output
         neurons read ``T`` (and get no gradient).
     """
-    sizes = [int(in_features), *(int(n) for n in hidden), int(out_features)]
-    if any(n <= 0 for n in sizes):
-        raise ValueError(f"layer sizes must be positive, got {sizes}")
-    factory = {"device": device, "dtype": dtype}
-    layers: list[nn.Module] = [
-        BinnedLatencyEncoder(n_bins=n_bins, T=T, flip_probability=flip_probability,
-                             input=encoder_input, **factory)
-    ]
+    dense = dense_layers([in_features, *hidden, out_features], model, T=T, w_scale=w_scale,
+                         max_spikes=max_spikes, model_params=model_params, device=device,
+                         dtype=dtype)
+    encoder = BinnedLatencyEncoder(n_bins=n_bins, T=T, flip_probability=flip_probability,
+                                   input=encoder_input, device=device, dtype=dtype)
+    return nn.Sequential(encoder, *dense,
+                         FirstSpikeTime(pseudo=isinstance(dense[-1].model, PseudoNeuronModel)))
+
+
+def dense_layers(
+    sizes: Sequence[int],
+    model: str = "theta",
+    *,
+    T: float = 2.0,
+    w_scale: float = 0.5,
+    max_spikes: BufferSize = "auto",
+    model_params: Optional[Mapping[str, float]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> list[SpikingLinear]:
+    """Fully connected spiking layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``.
+
+    The last layer is named the output layer, the others hidden 1, 2, ...; arguments as in
+    :func:`mlp`. Returns ``len(sizes) - 1`` :class:`SpikingLinear` layers (a list, to splice into
+    an ``nn.Sequential`` after an encoder or a convolutional front end).
+    """
+    sizes = [int(n) for n in sizes]
+    if len(sizes) < 2 or any(n <= 0 for n in sizes):
+        raise ValueError(f"layer sizes must be at least two positive ints, got {sizes}")
+    layers = []
     for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         role = "output" if index == len(sizes) - 2 else f"hidden {index + 1}"
         layers.append(SpikingLinear(
             n_in, n_out, model, T=T, max_spikes=max_spikes, w_scale=w_scale,
-            name=f"{role} layer ({model} {n_in}->{n_out})", **dict(model_params or {}), **factory,
+            name=f"{role} layer ({model} {n_in}->{n_out})", **dict(model_params or {}),
+            device=device, dtype=dtype,
         ))
-    layers.append(FirstSpikeTime(pseudo=isinstance(layers[-1].model, PseudoNeuronModel)))
-    return nn.Sequential(*layers)
+    return layers
 
 
 class HybridConvNet(nn.Module):

@@ -20,7 +20,7 @@ import spike_bridge
 from jax_kernels.models import NeuronModel
 from spike_bridge import functional as F
 from spike_bridge.evaluation import evaluate
-from spike_bridge.networks import HybridConvNet, mlp
+from spike_bridge.networks import HybridConvNet, dense_layers, mlp
 from spike_bridge.nn import (
     BinnedLatencyEncoder,
     BufferOverflowError,
@@ -553,3 +553,15 @@ def test_rerun_of_an_overflowed_call_uses_the_parameters_of_that_call():
         fresh.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="changed in place"):
         unread.spike_count
+
+
+def test_dense_layers_name_their_roles_and_reject_bad_sizes():
+    """``networks.dense_layers``: the stack ``mlp`` and ``examples/conv.py`` build on."""
+    layers = dense_layers([6, 4, 3], dtype=torch.float64)
+    assert [layer.name for layer in layers] == ["hidden 1 layer (theta 6->4)",
+                                                "output layer (theta 4->3)"]
+    assert [tuple(layer.weight.shape) for layer in layers] == [(4, 6), (3, 4)]
+    assert all(layer.weight.dtype == torch.float64 for layer in layers)
+    for sizes in ([6, 0, 3], [6]):
+        with pytest.raises(ValueError, match="layer sizes"):
+            dense_layers(sizes)

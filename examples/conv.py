@@ -41,6 +41,7 @@ from spike_bridge.nn import (
     BinnedLatencyEncoder,
     EarliestSpikePool2d,
     FirstSpikeTime,
+    IntensityLatencyEncoder,
     SpikingConv2d,
 )
 from spike_bridge.networks import dense_layers
@@ -67,7 +68,9 @@ def build_network(args: argparse.Namespace) -> nn.Sequential:
     pool2 = EarliestSpikePool2d(conv2.out_shape, 2, spikes_per_window=args.pool_spikes)
     dense = dense_layers([math.prod(pool2.out_shape), *args.hidden, 10], "theta",
                          w_scale=args.w_scale, **common)
-    return nn.Sequential(BinnedLatencyEncoder(args.bins, args.T), conv1, pool1, conv2, pool2,
+    encoder = (BinnedLatencyEncoder(args.bins, args.T) if args.encoding == "binned"
+               else IntensityLatencyEncoder(args.T, args.min_intensity))
+    return nn.Sequential(encoder, conv1, pool1, conv2, pool2,
                          *dense, FirstSpikeTime())
 
 
@@ -95,9 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "10-neuron readout (default: none)")
     parser.add_argument("--pool-spikes", type=int, default=2,
                         help="earliest spikes each pooling window passes on (1: first spikes)")
+    parser.add_argument("--encoding", choices=["binned", "intensity"], default="binned",
+                        help="input spike times: the reference's --bins time bins, or one time "
+                             "per intensity level (IntensityLatencyEncoder)")
     parser.add_argument("--bins", type=int, default=8,
-                        help="input time bins (1: binary image, which loses most of "
-                             "Fashion-MNIST's texture)")
+                        help="input time bins of --encoding binned (1: binary image, which "
+                             "loses most of Fashion-MNIST's texture)")
+    parser.add_argument("--min-intensity", type=float, default=0.1,
+                        help="dimmest pixel intensity that spikes, --encoding intensity")
     parser.add_argument("--T", type=float, default=2.0)
     parser.add_argument("--w-scale", type=float, default=2.0)
     parser.add_argument("--max-spikes", type=lambda v: v if v == "auto" else int(v),

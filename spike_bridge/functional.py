@@ -20,6 +20,7 @@ __all__ = [
     "activity",
     "binned_latency_encode",
     "first_spike_cross_entropy",
+    "intensity_latency_encode",
     "latency_encode",
     "ordinary_accuracy",
     "silent_fraction",
@@ -29,6 +30,23 @@ __all__ = [
 
 #: What ``binned_latency_encode`` can be given: pixel values, or bins computed beforehand.
 ENCODER_INPUTS = ("pixels", "bins")
+
+
+def _checked_pixels(images: torch.Tensor, what: str, alternative: str = "") -> torch.Tensor:
+    """``images`` if they are uint8 pixels 0..255 or float intensities in ``[0, 1]``; else raises
+    naming ``what`` was given and ending with ``alternative`` (another input the caller takes)."""
+    if images.is_floating_point():
+        if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
+            raise ValueError(
+                f"{what} with a float tensor expects intensities in [0, 1] (e.g. "
+                "torchvision ToTensor()); pass uint8 pixels 0..255 otherwise"
+            )
+    elif images.dtype != torch.uint8:
+        raise TypeError(
+            f"{what} expects uint8 pixels 0..255 or float intensities in [0, 1], got "
+            f"{images.dtype}; convert pixels with .to(torch.uint8){alternative}"
+        )
+    return images
 
 
 def _pixel_bins(images: torch.Tensor, n_bins: int, input: str) -> torch.Tensor:
@@ -56,19 +74,12 @@ def _pixel_bins(images: torch.Tensor, n_bins: int, input: str) -> torch.Tensor:
                 "use input='pixels'"
             )
         return bins
+    images = _checked_pixels(
+        images, "input='pixels'",
+        ", or pass precomputed bins (spike_bridge.data.BinPixels) with input='bins'",
+    )
     if images.is_floating_point():
-        if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
-            raise ValueError(
-                "input='pixels' with a float tensor expects intensities in [0, 1] (e.g. "
-                "torchvision ToTensor()); pass uint8 pixels 0..255 otherwise"
-            )
         images = torch.round(images * 255).to(torch.uint8)
-    elif images.dtype != torch.uint8:
-        raise TypeError(
-            f"input='pixels' expects uint8 pixels 0..255 or float intensities in [0, 1], got "
-            f"{images.dtype}; convert pixels with .to(torch.uint8), or pass precomputed bins "
-            "(spike_bridge.data.BinPixels) with input='bins'"
-        )
     return bin_pixels(images.flatten(1)[:, None], n_bins)  # also for an empty batch
 
 
@@ -102,6 +113,45 @@ def binned_latency_encode(
     dtype = torch.get_default_dtype() if dtype is None else dtype
     times = bins_to_times(bins, n_bins, T, dtype=dtype)[..., None]
     return Spikes(times, T, binned=BinnedInput(bins, bin_spike_times(n_bins, T)))
+
+
+def intensity_latency_encode(
+    images: torch.Tensor,
+    T: float,
+    min_intensity: float = 0.1,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+) -> Spikes:
+    """The reference's input neuron driven by each pixel's intensity, unbinned (see
+    ``IntensityLatencyEncoder``).
+
+    Args:
+        images: ``[B, *]`` uint8 pixels 0..255 or float intensities in ``[0, 1]``.
+        T: trial duration. min_intensity: intensities below it never spike, in ``(0.01, 1]``.
+        dtype, device: of the spike times (default: the default dtype, the images' device).
+
+    Returns:
+        :class:`Spikes` with ``times [B, N, 1]`` in ``[-T log(0.99), -T log(1 - 0.01 /
+        min_intensity)]`` (``+inf``: no spike); no pseudo rates (pixels are data, not learned).
+    """
+    if not 0.01 < min_intensity <= 1:
+        raise ValueError(
+            f"min_intensity must be in (0.01, 1] (the input neuron's threshold is 0.01), got "
+            f"{min_intensity}"
+        )
+    if images.dim() < 2:
+        raise ValueError(f"images must have a batch axis, shape [B, *], got {list(images.shape)}")
+    images = _checked_pixels(images, "images")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = images.device if device is None else device
+    intensity = images.flatten(1).to(device=device, dtype=dtype)
+    if not images.is_floating_point():
+        intensity = intensity / 255
+    spiking = intensity >= min_intensity
+    # log1p only of spiking intensities (>= min_intensity > 0.01): no log of <= 0 elsewhere.
+    safe = torch.where(spiking, intensity, 1.0)
+    times = torch.where(spiking, -T * torch.log1p(-0.01 / safe), torch.inf)
+    return Spikes(times[..., None], T)
 
 
 def latency_encode(features: torch.Tensor, T: float, scale: float = 1.0) -> Spikes:

@@ -45,7 +45,9 @@ from torch.nn.utils.stateless import _reparametrize_module
 from jax_kernels import layers as kernel_layers
 from jax_kernels.models import MODELS, NeuronModel, PseudoNeuronModel, get_model
 from spike_bridge.bridge import jax_function, register_static_type, scoped_x64
-from spike_bridge.functional import ENCODER_INPUTS, binned_latency_encode, latency_encode
+from spike_bridge.functional import (
+    ENCODER_INPUTS, binned_latency_encode, intensity_latency_encode, latency_encode,
+)
 from spike_bridge.spikes import BinnedInput, Spikes
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "BufferOverflowError",
     "EarliestSpikePool2d",
     "FirstSpikeTime",
+    "IntensityLatencyEncoder",
     "LIFLinear",
     "LatencyEncoder",
     "OscLIFLinear",
@@ -1010,6 +1013,48 @@ class BinnedLatencyEncoder(_Encoder):
     def extra_repr(self) -> str:
         return (f"n_bins={self.n_bins}, T={self.T}, flip_probability={self.flip_probability}, "
                 f"input={self.input!r}")
+
+
+class IntensityLatencyEncoder(_Encoder):
+    r"""Time-to-first-spike image encoding with continuous times: ``BinnedLatencyEncoder``'s input
+    neuron driven by each pixel's intensity instead of its bin.
+
+    In the reference, a pixel's bin sets the constant current of a leaky integrate-and-fire input
+    neuron (time constant ``T``) whose current is 100 times its threshold for the brightest bin
+    and ``100 / n_bins`` times it for the dimmest spiking bin. Here the current is ``100 x``
+    times the threshold for intensity ``x`` in ``[0, 1]``, so the neuron spikes once at
+
+    .. math:: t = T \log\frac{100 x}{100 x - 1} = -T \log(1 - 0.01 / x),
+
+    from ``-T log(0.99)`` (about ``0.01 T``, a white pixel; the brightest bin's time) to
+    ``-T log(1 - 0.01 / min_intensity)`` (about ``0.1 T`` at the default 0.1); intensities below
+    ``min_intensity`` never spike (like the binned encoder's dark bin, which keeps the
+    background silent). Every intensity level keeps its own time, where ``n_bins = 8`` merges
+    28 levels into one; in a :class:`SpikingConv2d` the input then goes through the per-event path
+    (one kick per input spike) instead of one convolution per bin.
+
+    Args:
+        T: trial duration. min_intensity: the dimmest intensity that spikes, in ``(0.01, 1]``.
+
+    Input: ``[B, *]`` uint8 pixels 0..255 or float intensities in ``[0, 1]``.
+    Output: :class:`Spikes` ``[B, N, 1]`` (images flattened), no pseudo rates.
+    """
+
+    def __init__(self, T: float = 2.0, min_intensity: float = 0.1, device=None, dtype=None):
+        super().__init__(T, device, dtype)
+        if not 0.01 < min_intensity <= 1:
+            raise ValueError(
+                f"min_intensity must be in (0.01, 1] (the input neuron's threshold is 0.01), "
+                f"got {min_intensity}"
+            )
+        self.min_intensity = float(min_intensity)
+
+    def forward(self, images: torch.Tensor) -> Spikes:
+        return intensity_latency_encode(images, self.T, self.min_intensity,
+                                        dtype=self._anchor.dtype, device=self._anchor.device)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, min_intensity={self.min_intensity}"
 
 
 class LatencyEncoder(_Encoder):

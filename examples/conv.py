@@ -1,14 +1,15 @@
 """All-spiking convolutional theta network on Fashion-MNIST (or MNIST).
 
-    image -> BinnedLatencyEncoder (8 intensity bins -> one input spike, brighter earlier)
+    image -> BinnedLatencyEncoder (8 intensity bins -> one input spike, brighter earlier;
+             --encoding intensity: IntensityLatencyEncoder, one time per grey level)
           -> SpikingConv2d(1 -> c1, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
           -> SpikingConv2d(c1 -> c2, 5x5) -> EarliestSpikePool2d(2, two earliest spikes)
           -> [theta layer (c2 * 4 * 4 -> h), each --hidden size h] -> theta layer (-> 10)
           -> FirstSpikeTime()
 
 Every layer is spiking and trained with exact spike-time gradients (pseudospikes for silent
-neurons); the first convolution takes one convolution per input time bin, the second touches only
-the neurons each input event reaches. Adam with a cosine learning-rate decay, the first-spike
+neurons); the first convolution takes one convolution per input time bin (binned input) or touches
+only the neurons each input event reaches, like the second. Adam with a cosine learning-rate decay, the first-spike
 loss. An "epoch" is ``--samples-per-epoch`` training samples drawn afresh from the training set
 (default: all of it); after each, ``spike_bridge.evaluation.evaluate`` on ``--epoch-test-samples``
 test samples (the learning curves); at the end on the whole test set (or

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 TIMEOUT_S = 300
@@ -113,11 +115,12 @@ def test_ddp_example_under_torchrun(tmp_path):
     assert re.search(r"^final loss \d+\.\d{4}$", result.stdout, flags=re.MULTILINE)
 
 
-def test_conv_example_tiny(tmp_path, monkeypatch):
+@pytest.mark.parametrize("encoding", ["binned", "intensity"])
+def test_conv_example_tiny(tmp_path, monkeypatch, encoding):
     """``examples/conv.py`` end to end on a tiny setting (2 epochs of one step, 2 and 4 channels,
     a hidden dense layer of 3, 4 test images: the size of its feature-map figure, so evaluation
-    and figure share one compiled forward): the README's all-spiking conv command with its
-    files."""
+    and figure share one compiled forward): the README's all-spiking conv commands with their
+    files, for both input encodings (the first convolution's binned and per-event paths)."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     import conv
@@ -125,7 +128,8 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
     out = conv.main([
         "--epochs", "2", "--samples-per-epoch", "50", "--epoch-test-samples", "4",
         "--max-test-samples", "4", "--batch-size", "50", "--channels", "2", "4",
-        "--hidden", "3", "--data-root", str(REPO / "data"), "--out", str(tmp_path / "conv"),
+        "--hidden", "3", "--encoding", encoding, "--data-root", str(REPO / "data"),
+        "--out", str(tmp_path / "conv"),
     ])
     assert out == (tmp_path / "conv").resolve()
     for name in ("metrics.json", "learning_curves.png", "feature_maps_conv1.png",
@@ -133,7 +137,7 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["bins"] == 8 and metrics["config"]["pool_spikes"] == 2
-    assert metrics["config"]["hidden"] == [3]
+    assert metrics["config"]["hidden"] == [3] and metrics["config"]["encoding"] == encoding
     assert len(metrics["history"]) == 2
     assert _finite([h["train_loss"] for h in metrics["history"]]
                    + [h["test_loss"] for h in metrics["history"]])
@@ -142,6 +146,6 @@ def test_conv_example_tiny(tmp_path, monkeypatch):
     assert 0.0 <= final["test_accuracy_ordinary"] <= 1.0
     assert 0.0 <= final["test_accuracy"] <= 1.0 and math.isfinite(final["test_loss"])
     # every spiking layer reported (conv, conv, hidden, readout), the first convolution active
-    # (8-bin input of bright pixels)
+    # (input spikes of bright pixels)
     assert set(final["activity_per_layer"]) == {"1", "3", "5", "6"}
     assert final["activity_per_layer"]["1"] > 0

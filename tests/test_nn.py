@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from spike_bridge import functional as F
-from spike_bridge.data import bin_pixels
+from spike_bridge.data import bin_pixels, bin_spike_times
 from spike_bridge.nn import (
     BinnedLatencyEncoder,
     BufferOverflowError,
     FirstSpikeTime,
+    IntensityLatencyEncoder,
     LatencyEncoder,
     LIFLinear,
     OscLIFLinear,
@@ -447,6 +448,10 @@ def test_spike_times_k_larger_than_buffer():
         (lambda: BinnedLatencyEncoder(T=0.0), r"^T \(trial duration\) must be positive"),
         (lambda: BinnedLatencyEncoder(flip_probability=1.5), r"^flip_probability must be in"),
         (lambda: LatencyEncoder(T=-2.0), r"^T \(trial duration\) must be positive"),
+        (lambda: IntensityLatencyEncoder(T=0.0), r"^T \(trial duration\) must be positive"),
+        (lambda: IntensityLatencyEncoder(min_intensity=0.01),
+         r"^min_intensity must be in \(0.01, 1\] .* got 0.01"),
+        (lambda: IntensityLatencyEncoder(min_intensity=1.5), r"^min_intensity must be in"),
         (lambda: LatencyEncoder(scale=0.0), r"^scale must be positive"),
         (lambda: SpikeTimes(0), r"^k must be at least 1, got 0"),
     ],
@@ -564,6 +569,36 @@ def test_binned_encoder_flips_only_in_train_mode():
     assert torch.equal(flipped[changed], 1 - clean[changed])
     noisy.eval()
     assert torch.equal(noisy(pixels).binned.bin_index, clean)
+
+
+def test_intensity_encoder_is_the_binned_input_neuron_at_each_intensity():
+    """At the intensity of each bin's current (``x = (n - b) / n``) the intensity encoder gives
+    that bin's time from the reference's rule (``bin_spike_times``); in between, brighter is
+    earlier; below ``min_intensity`` silent; uint8 pixels read as ``p / 255``."""
+    n_bins = 8
+    levels = torch.tensor([(n_bins - b) / n_bins for b in range(n_bins)], dtype=torch.float64)
+    spikes = IntensityLatencyEncoder(T=T, dtype=torch.float64)(levels[None])
+    assert spikes.times.shape == (1, n_bins, 1) and spikes.times.dtype == torch.float64
+    torch.testing.assert_close(spikes.times[0, :, 0],
+                               torch.tensor(bin_spike_times(n_bins, T), dtype=torch.float64),
+                               rtol=1e-13, atol=0)
+    pixels = torch.arange(256, dtype=torch.uint8)[None]
+    encoder = IntensityLatencyEncoder(T=T, min_intensity=0.2)
+    times = encoder(pixels).times[0, :, 0]
+    assert times.dtype == torch.get_default_dtype()
+    spiking = torch.arange(256) >= 0.2 * 255
+    assert torch.isinf(times[~spiking]).all() and (times[spiking] < T).all()
+    assert (times[spiking].diff() < 0).all()  # every level its own time, brighter earlier
+    torch.testing.assert_close(encoder(pixels.float() / 255).times, encoder(pixels).times)
+    assert encoder.double()(pixels).times.dtype == torch.float64
+    for bad, error, match in [
+        (pixels.to(torch.int64), TypeError, r"^images expects uint8 pixels 0..255"),
+        (pixels.float(), ValueError, r"^images with a float tensor expects intensities in"),
+        (torch.full((1, 3), math.nan), ValueError, r"expects intensities in \[0, 1\]"),
+        (pixels[0], ValueError, r"^images must have a batch axis"),
+    ]:
+        with pytest.raises(error, match=match):
+            encoder(bad)
 
 
 def test_latency_encoder_gradients_reach_preceding_linear():

@@ -5,7 +5,9 @@ The all-spiking conv example (``examples/conv.py``) sees an image only through
 brightest, bin ``n_bins`` silent) decides its one input spike time. A multinomial logistic
 regression on the spike/no-spike pattern per bin (one-hot bins, the silent bin dropped) bounds
 what a network that reads the input linearly can reach, and shows what binarising the image
-costs; the grey-level image (intensity / 255) for comparison. Full-batch L-BFGS (200
+costs; the grey-level image (intensity / 255) for comparison, and ``IntensityLatencyEncoder``'s
+spikes (whether each pixel spikes, and the intensity its spike time stands for one-to-one).
+Full-batch L-BFGS (200
 iterations), weight decay 1e-4, all 60,000 training / 10,000 test images, one thread.
 
     python benchmarks/input_encoding.py       # writes benchmarks/results/input_encoding.json
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from spike_bridge.data import bin_pixels, load_dataset
+from spike_bridge.functional import intensity_latency_encode
 
 REPO = Path(__file__).resolve().parents[1]
 BINS = (1, 2, 4, 8)
@@ -30,6 +33,16 @@ def one_hot_bins(images: torch.Tensor, n_bins: int) -> torch.Tensor:
     """uint8 ``[B, 28, 28]`` -> float ``[B, 784 * n_bins]``: which spiking bin each pixel is in."""
     bins = bin_pixels(images, n_bins)  # [B, 784]
     return F.one_hot(bins, n_bins + 1)[..., :n_bins].reshape(len(images), -1).float()
+
+
+def intensity_spikes(images: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """uint8 ``[B, 28, 28]`` -> float ``[B, 2 * 784]``: which pixels spike under
+    ``IntensityLatencyEncoder()``, and the intensity ``0.01 / (1 - exp(-t / T))`` each spike
+    time ``t`` encodes (0 for silent pixels)."""
+    times = intensity_latency_encode(images, T).times[..., 0]
+    spiking = torch.isfinite(times)
+    intensity = torch.where(spiking, 0.01 / -torch.expm1(-times / T), 0.0)
+    return torch.cat([spiking.float(), intensity], dim=1)
 
 
 def linear_readout_accuracy(train_x, train_y, test_x, test_y) -> float:
@@ -63,6 +76,10 @@ def main() -> dict:
             one_hot_bins(test.data, n_bins), test.targets)
         results[str(n_bins)] = accuracy
         print(f"{n_bins} bin(s): linear readout test accuracy {100 * accuracy:.2f}%", flush=True)
+    results["intensity"] = linear_readout_accuracy(
+        intensity_spikes(train.data), train.targets, intensity_spikes(test.data), test.targets)
+    print(f"intensity latencies: linear readout test accuracy "
+          f"{100 * results['intensity']:.2f}%", flush=True)
     out = REPO / "benchmarks" / "results" / "input_encoding.json"
     out.write_text(json.dumps({"weight_decay": WEIGHT_DECAY, "test_accuracy_by_bins": results},
                               indent=2) + "\n")

@@ -7,8 +7,8 @@ regression on the spike/no-spike pattern per bin (one-hot bins, the silent bin d
 what a network that reads the input linearly can reach, and shows what binarising the image
 costs; the grey-level image (intensity / 255) for comparison, and ``IntensityLatencyEncoder``'s
 spikes (whether each pixel spikes, and the intensity its spike time stands for one-to-one).
-Full-batch L-BFGS (200
-iterations), weight decay 1e-4, all 60,000 training / 10,000 test images, one thread.
+Full-batch L-BFGS (200 iterations), weight decay 1e-4, all 60,000 training / 10,000 test images,
+one thread.
 
     python benchmarks/input_encoding.py       # writes benchmarks/results/input_encoding.json
 """

@@ -8,12 +8,12 @@
           -> FirstSpikeTime()
 
 Every layer is spiking and trained with exact spike-time gradients (pseudospikes for silent
-neurons); the first convolution takes one convolution per input time bin (binned input) or touches
-only the neurons each input event reaches, like the second. Adam with a cosine learning-rate decay, the first-spike
-loss. An "epoch" is ``--samples-per-epoch`` training samples drawn afresh from the training set
-(default: all of it); after each, ``spike_bridge.evaluation.evaluate`` on ``--epoch-test-samples``
-test samples (the learning curves); at the end on the whole test set (or
-``--max-test-samples``): accuracy with pseudospikes and with ordinary spikes only.
+neurons); the first convolution takes one convolution per input time bin (binned input) or, like
+the second, touches only the neurons each input event reaches. Adam with a cosine learning-rate
+decay, the first-spike loss. An "epoch" is ``--samples-per-epoch`` training samples drawn afresh
+from the training set (default: all of it); after each, ``spike_bridge.evaluation.evaluate``
+on ``--epoch-test-samples`` test samples (the learning curves); at the end on the whole test set
+(or ``--max-test-samples``): accuracy with pseudospikes and with ordinary spikes only.
 
     python examples/conv.py --epochs 1 --samples-per-epoch 2000     # a short run
 
@@ -71,8 +71,7 @@ def build_network(args: argparse.Namespace) -> nn.Sequential:
                          w_scale=args.w_scale, **common)
     encoder = (BinnedLatencyEncoder(args.bins, args.T) if args.encoding == "binned"
                else IntensityLatencyEncoder(args.T, args.min_intensity))
-    return nn.Sequential(encoder, conv1, pool1, conv2, pool2,
-                         *dense, FirstSpikeTime())
+    return nn.Sequential(encoder, conv1, pool1, conv2, pool2, *dense, FirstSpikeTime())
 
 
 def tensors(dataset, max_samples, seed):

@@ -115,6 +115,15 @@ def binned_latency_encode(
     return Spikes(times, T, binned=BinnedInput(bins, bin_spike_times(n_bins, T)))
 
 
+def check_min_intensity(min_intensity: float) -> None:
+    """Raises unless ``0.01 < min_intensity <= 1`` (dimmer inputs would not reach threshold)."""
+    if not 0.01 < min_intensity <= 1:
+        raise ValueError(
+            f"min_intensity must be in (0.01, 1] (the input neuron's threshold is 0.01), got "
+            f"{min_intensity}"
+        )
+
+
 def intensity_latency_encode(
     images: torch.Tensor,
     T: float,
@@ -134,11 +143,7 @@ def intensity_latency_encode(
         :class:`Spikes` with ``times [B, N, 1]`` in ``[-T log(0.99), -T log(1 - 0.01 /
         min_intensity)]`` (``+inf``: no spike); no pseudo rates (pixels are data, not learned).
     """
-    if not 0.01 < min_intensity <= 1:
-        raise ValueError(
-            f"min_intensity must be in (0.01, 1] (the input neuron's threshold is 0.01), got "
-            f"{min_intensity}"
-        )
+    check_min_intensity(min_intensity)
     if images.dim() < 2:
         raise ValueError(f"images must have a batch axis, shape [B, *], got {list(images.shape)}")
     images = _checked_pixels(images, "images")

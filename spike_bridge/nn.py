@@ -46,7 +46,11 @@ from jax_kernels import layers as kernel_layers
 from jax_kernels.models import MODELS, NeuronModel, PseudoNeuronModel, get_model
 from spike_bridge.bridge import jax_function, register_static_type, scoped_x64
 from spike_bridge.functional import (
-    ENCODER_INPUTS, binned_latency_encode, intensity_latency_encode, latency_encode,
+    ENCODER_INPUTS,
+    binned_latency_encode,
+    check_min_intensity,
+    intensity_latency_encode,
+    latency_encode,
 )
 from spike_bridge.spikes import BinnedInput, Spikes
 
@@ -1042,11 +1046,7 @@ class IntensityLatencyEncoder(_Encoder):
 
     def __init__(self, T: float = 2.0, min_intensity: float = 0.1, device=None, dtype=None):
         super().__init__(T, device, dtype)
-        if not 0.01 < min_intensity <= 1:
-            raise ValueError(
-                f"min_intensity must be in (0.01, 1] (the input neuron's threshold is 0.01), "
-                f"got {min_intensity}"
-            )
+        check_min_intensity(min_intensity)
         self.min_intensity = float(min_intensity)
 
     def forward(self, images: torch.Tensor) -> Spikes:

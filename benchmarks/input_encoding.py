@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from spike_bridge.data import bin_pixels, load_dataset
-from spike_bridge.functional import intensity_latency_encode
+from spike_bridge.functional import INPUT_THRESHOLD, intensity_latency_encode
 
 REPO = Path(__file__).resolve().parents[1]
 BINS = (1, 2, 4, 8)
@@ -37,11 +37,11 @@ def one_hot_bins(images: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def intensity_spikes(images: torch.Tensor, T: float = 2.0) -> torch.Tensor:
     """uint8 ``[B, 28, 28]`` -> float ``[B, 2 * 784]``: which pixels spike under
-    ``IntensityLatencyEncoder()``, and the intensity ``0.01 / (1 - exp(-t / T))`` each spike
-    time ``t`` encodes (0 for silent pixels)."""
+    ``IntensityLatencyEncoder()``, and the intensity ``INPUT_THRESHOLD / (1 - exp(-t / T))``
+    each spike time ``t`` encodes (0 for silent pixels)."""
     times = intensity_latency_encode(images, T).times[..., 0]
     spiking = torch.isfinite(times)
-    intensity = torch.where(spiking, 0.01 / -torch.expm1(-times / T), 0.0)
+    intensity = torch.where(spiking, INPUT_THRESHOLD / -torch.expm1(-times / T), 0.0)
     return torch.cat([spiking.float(), intensity], dim=1)
 
 

@@ -115,12 +115,17 @@ def binned_latency_encode(
     return Spikes(times, T, binned=BinnedInput(bins, bin_spike_times(n_bins, T)))
 
 
+#: Threshold of the reference's leaky integrate-and-fire input neuron, in units of a white
+#: pixel's current: intensity ``x`` first reaches it at ``-T log(1 - INPUT_THRESHOLD / x)``.
+INPUT_THRESHOLD = 0.01
+
+
 def check_min_intensity(min_intensity: float) -> None:
     """Raises unless ``0.01 < min_intensity <= 1`` (dimmer inputs would not reach threshold)."""
-    if not 0.01 < min_intensity <= 1:
+    if not INPUT_THRESHOLD < min_intensity <= 1:
         raise ValueError(
-            f"min_intensity must be in (0.01, 1] (the input neuron's threshold is 0.01), got "
-            f"{min_intensity}"
+            f"min_intensity must be in ({INPUT_THRESHOLD}, 1] (the input neuron's threshold is "
+            f"{INPUT_THRESHOLD}), got {min_intensity}"
         )
 
 
@@ -155,7 +160,7 @@ def intensity_latency_encode(
     spiking = intensity >= min_intensity
     # log1p only of spiking intensities (>= min_intensity > 0.01): no log of <= 0 elsewhere.
     safe = torch.where(spiking, intensity, 1.0)
-    times = torch.where(spiking, -T * torch.log1p(-0.01 / safe), torch.inf)
+    times = torch.where(spiking, -T * torch.log1p(-INPUT_THRESHOLD / safe), torch.inf)
     return Spikes(times[..., None], T)
 
 

@@ -121,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--gamma", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default=None,
+                        help="model.pt of an earlier run (same architecture) to start from, "
+                             "e.g. for a second cosine cycle")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -159,6 +162,8 @@ def main(argv=None) -> Path:
     epoch_test = tensors(test_set, min(args.epoch_test_samples, len(test[1])), args.seed + 1)
     per_epoch = min(args.samples_per_epoch or len(train[1]), len(train[1]))
     net = build_network(args)
+    if args.init is not None:
+        net.load_state_dict(torch.load(args.init, weights_only=True))
     print(net, flush=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     steps = args.epochs * math.ceil(per_epoch / args.batch_size)

@@ -149,3 +149,16 @@ def test_conv_example_tiny(tmp_path, monkeypatch, encoding):
     # (input spikes of bright pixels)
     assert set(final["activity_per_layer"]) == {"1", "3", "5", "6"}
     assert final["activity_per_layer"]["1"] > 0
+    if encoding == "intensity":
+        # --init: a second run from the first one's model.pt (no training epochs) evaluates the
+        # same network, so its final test metrics are the first run's
+        again = conv.main([
+            "--epochs", "0", "--max-test-samples", "4", "--epoch-test-samples", "4",
+            "--channels", "2", "4", "--hidden", "3", "--encoding", encoding,
+            "--data-root", str(REPO / "data"), "--init", str(out / "model.pt"),
+            "--out", str(tmp_path / "conv_init"),
+        ])
+        final_again = json.loads((again / "metrics.json").read_text())["final"]
+        assert final_again["test_loss"] == final["test_loss"]
+        assert final_again["test_accuracy"] == final["test_accuracy"]
+        assert final_again["activity_per_layer"] == final["activity_per_layer"]

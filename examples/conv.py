@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from spike_bridge import plot
-from spike_bridge.data import load_dataset
+from spike_bridge.data import load_dataset, random_shift_flip
 from spike_bridge.functional import first_spike_cross_entropy
 from spike_bridge.nn import (
     BinnedLatencyEncoder,
@@ -120,6 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--gamma", type=float, default=1e-2)
+    parser.add_argument("--shift", type=int, default=0,
+                        help="augmentation: shift each training image by up to this many "
+                             "pixels (random_shift_flip; default 0: none)")
+    parser.add_argument("--flip", action="store_true",
+                        help="augmentation: mirror a random half of the training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", default=None,
                         help="model.pt of an earlier run (same architecture) to start from, "
@@ -185,8 +190,11 @@ def main(argv=None) -> Path:
     history = []
     for epoch in range(1, args.epochs + 1):
         subset = torch.randperm(len(train[1]), generator=shuffle)[:per_epoch]
+        images = train[0][subset]
+        if args.shift or args.flip:
+            images = random_shift_flip(images, args.shift, args.flip, shuffle)
         history.append(train_and_evaluate(
-            net, batches(train[0][subset], train[1][subset], args.batch_size, shuffle),
+            net, batches(images, train[1][subset], args.batch_size, shuffle),
             batches(*epoch_test, 100), optimizer, schedule, loss_fn, epoch, started,
             log_every=20,
         ))

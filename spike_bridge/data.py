@@ -21,6 +21,7 @@ Contents
 * Input encoding used by the reference MNIST experiments (pixel intensity -> spike-time bin):
   :func:`bin_pixels`, :func:`bin_spike_times`, :func:`bins_to_times`, :func:`flip_bins` and the
   picklable transform :class:`BinPixels`.
+* Augmentation of image batches: :func:`random_shift_flip`.
 * DataLoader helpers: :func:`loader_context`, :func:`make_loader`.
 * The Yin-Yang dataset (generated, seeded): :class:`YinYangDataset`, :func:`yin_yang_class`,
   :func:`yin_yang_points`.
@@ -62,6 +63,7 @@ __all__ = [
     "bins_to_times",
     "flip_bins",
     "BinPixels",
+    "random_shift_flip",
     "loader_context",
     "make_loader",
     "YIN_YANG_CLASSES",
@@ -638,6 +640,52 @@ def flip_bins(
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
     flip = torch.rand(bin_index.shape, generator=generator, device=bin_index.device) < p
     return torch.where(flip, n_bins - bin_index, bin_index)
+
+
+def random_shift_flip(
+    images: torch.Tensor,
+    max_shift: int = 2,
+    flip: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Per-sample random translation (zero fill) and horizontal mirroring of an image batch.
+
+    Each sample moves by its own ``(dy, dx)``, both uniform in ``-max_shift..max_shift`` pixels;
+    pixels moved in from outside are 0 (black: no input spike). With ``flip``, each sample is
+    mirrored left-right with probability 1/2 first (Fashion-MNIST's garments are near-symmetric;
+    leave it off for digits). Applied to the training batches before the encoder.
+
+    Args:
+        images: ``[N, H, W]`` or ``[N, C, H, W]``, any dtype (e.g. uint8 ``dataset.data``).
+        max_shift: largest shift in pixels, ``>= 0`` (0 with ``flip=False`` returns a copy).
+        flip: mirror a random half of the samples.
+        generator: torch generator on ``images.device`` for reproducible draws.
+
+    Returns:
+        A new tensor of the same shape, dtype and device.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+        raise ValueError(
+            "images must be a [N, H, W] or [N, C, H, W] tensor, got "
+            f"{list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
+        )
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"max_shift must be an int >= 0 (pixels), got {max_shift!r}")
+    n, (height, width) = images.shape[0], images.shape[-2:]
+    device = images.device
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4) if max_shift else images
+    # Window origin in the padded image is max_shift - shift (shift +1: content moves down/right).
+    origin = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device)
+    rows = origin[0, :, None] + torch.arange(height, device=device)
+    cols = origin[1, :, None] + torch.arange(width, device=device)
+    if flip:
+        mirrored = torch.rand(n, generator=generator, device=device) < 0.5
+        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    sample = torch.arange(n, device=device)[:, None, None]
+    if images.dim() == 3:
+        return padded[sample, rows[:, :, None], cols[:, None, :]]
+    channels_last = padded.permute(0, 2, 3, 1)[sample, rows[:, :, None], cols[:, None, :]]
+    return channels_last.permute(0, 3, 1, 2)
 
 
 class BinPixels:

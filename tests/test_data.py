@@ -162,6 +162,53 @@ def test_flip_bins_mapping_and_reproducibility():
         data.flip_bins(bins, 1.5, n_bins)
 
 
+def _shifted_copies(image, max_shift, flip):
+    """Every image random_shift_flip may return for ``image`` [H, W] (numpy-free reference:
+    an explicit per-pixel loop over the zero-filled shifts and the optional mirror)."""
+    height, width = image.shape
+    candidates = []
+    for mirrored in ([False, True] if flip else [False]):
+        source = image.flip(1) if mirrored else image
+        for dy in range(-max_shift, max_shift + 1):
+            for dx in range(-max_shift, max_shift + 1):
+                out = torch.zeros_like(image)
+                for r in range(height):
+                    for c in range(width):
+                        if 0 <= r - dy < height and 0 <= c - dx < width:
+                            out[r, c] = source[r - dy, c - dx]
+                candidates.append(out)
+    return candidates
+
+
+@pytest.mark.parametrize("max_shift,flip", [(0, True), (1, False), (2, True)])
+def test_random_shift_flip_returns_shifted_and_mirrored_copies(max_shift, flip):
+    images = torch.randint(1, 256, (40, 5, 6), dtype=torch.uint8)  # no zeros: shifts are visible
+    out = data.random_shift_flip(images, max_shift, flip, torch.Generator().manual_seed(3))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    seen = set()
+    for image, augmented in zip(images, out):
+        matches = [i for i, c in enumerate(_shifted_copies(image, max_shift, flip))
+                   if torch.equal(c, augmented)]
+        assert len(matches) == 1, "not a zero-filled shift (and mirror) of its input"
+        seen.add(matches[0])
+    assert len(seen) > min(10, (2 * max_shift + 1) ** 2 * (2 if flip else 1) // 2)  # random
+    again = data.random_shift_flip(images, max_shift, flip, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    assert torch.equal(data.random_shift_flip(images, 0, False), images)
+
+
+def test_random_shift_flip_channels_and_errors():
+    images = torch.rand(8, 3, 5, 5, dtype=torch.float64)
+    out = data.random_shift_flip(images, 1, True, torch.Generator().manual_seed(0))
+    per_channel = data.random_shift_flip(images[:, 0], 1, True, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.float64
+    assert torch.equal(out[:, 0], per_channel)  # every channel moves with its sample
+    with pytest.raises(ValueError, match="max_shift"):
+        data.random_shift_flip(images, -1)
+    with pytest.raises(ValueError, match="images must be"):
+        data.random_shift_flip(images[0, 0], 1)
+
+
 def test_bin_pixels_transform():
     image = Image.fromarray(np.full((28, 28), 200, dtype=np.uint8), mode="L")
     bins = data.BinPixels(3)(image)

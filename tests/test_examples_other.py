@@ -120,17 +120,28 @@ def test_conv_example_tiny(tmp_path, monkeypatch, encoding):
     """``examples/conv.py`` end to end on a tiny setting (2 epochs of one step, 2 and 4 channels,
     a hidden dense layer of 3, 4 test images: the size of its feature-map figure, so evaluation
     and figure share one compiled forward): the README's all-spiking conv commands with their
-    files, for both input encodings (the first convolution's binned and per-event paths)."""
+    files, for both input encodings (the first convolution's binned and per-event paths); the
+    binned run with the training augmentation (--shift 1 --flip)."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     import conv
 
+    augmented = []  # (shape, shift, flip) of each call: the binned run augments its epochs
+
+    def recording_shift_flip(images, max_shift, flip, generator):
+        augmented.append((tuple(images.shape), max_shift, flip))
+        return conv_augment(images, max_shift, flip, generator)
+
+    conv_augment = conv.random_shift_flip
+    monkeypatch.setattr(conv, "random_shift_flip", recording_shift_flip)
+    augmentation = ["--shift", "1", "--flip"] if encoding == "binned" else []
     out = conv.main([
         "--epochs", "2", "--samples-per-epoch", "50", "--epoch-test-samples", "4",
         "--max-test-samples", "4", "--batch-size", "50", "--channels", "2", "4",
         "--hidden", "3", "--encoding", encoding, "--data-root", str(REPO / "data"),
-        "--out", str(tmp_path / "conv"),
+        "--out", str(tmp_path / "conv"), *augmentation,
     ])
+    assert augmented == ([((50, 28, 28), 1, True)] * 2 if augmentation else [])
     assert out == (tmp_path / "conv").resolve()
     for name in ("metrics.json", "learning_curves.png", "feature_maps_conv1.png",
                  "feature_maps_conv2.png", "raster.png", "model.pt"):

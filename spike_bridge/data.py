@@ -652,8 +652,8 @@ def random_shift_flip(
 
     Each sample moves by its own ``(dy, dx)``, both uniform in ``-max_shift..max_shift`` pixels;
     pixels moved in from outside are 0 (black: no input spike). With ``flip``, each sample is
-    mirrored left-right with probability 1/2 first (Fashion-MNIST's garments are near-symmetric;
-    leave it off for digits). Applied to the training batches before the encoder.
+    mirrored left-right with probability 1/2 (a mirrored garment or shoe is still the same
+    class; a mirrored digit may not be). Applied to the training batches before the encoder.
 
     Args:
         images: ``[N, H, W]`` or ``[N, C, H, W]``, any dtype (e.g. uint8 ``dataset.data``).
@@ -685,7 +685,7 @@ def random_shift_flip(
     if images.dim() == 3:
         return padded[sample, rows[:, :, None], cols[:, None, :]]
     channels_last = padded.permute(0, 2, 3, 1)[sample, rows[:, :, None], cols[:, None, :]]
-    return channels_last.permute(0, 3, 1, 2)
+    return channels_last.permute(0, 3, 1, 2).contiguous()
 
 
 class BinPixels:

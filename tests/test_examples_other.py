@@ -127,12 +127,12 @@ def test_conv_example_tiny(tmp_path, monkeypatch, encoding):
     import conv
 
     augmented = []  # (shape, shift, flip) of each call: the binned run augments its epochs
+    random_shift_flip = conv.random_shift_flip
 
     def recording_shift_flip(images, max_shift, flip, generator):
         augmented.append((tuple(images.shape), max_shift, flip))
-        return conv_augment(images, max_shift, flip, generator)
+        return random_shift_flip(images, max_shift, flip, generator)
 
-    conv_augment = conv.random_shift_flip
     monkeypatch.setattr(conv, "random_shift_flip", recording_shift_flip)
     augmentation = ["--shift", "1", "--flip"] if encoding == "binned" else []
     out = conv.main([
